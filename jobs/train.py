@@ -1,0 +1,16 @@
+"""Fine-tune BERT on SST-2 with Ray Train.
+
+    python jobs/train.py --config configs/local.yaml
+    ray job submit --working-dir . -- python jobs/train.py --config configs/bert-base-a100.yaml
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir of `ray job submit`
+
+from raysst.config import TRAIN, parse_config  # noqa: E402
+from raysst.train import train_driver_fn  # noqa: E402
+
+if __name__ == "__main__":
+    train_driver_fn(parse_config(TRAIN, description=__doc__))

@@ -1,0 +1,189 @@
+"""One config for every job: defaults here, a YAML file over them, flags over the file.
+
+Each field says which jobs expose it as a flag (`jobs`) and, where a job names the
+flag differently, under which name (`flag`). Validation happens once, in
+`Config.__post_init__`, so a bad value fails where it enters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+TRAIN, TUNE, SCORE, EVAL = "train", "tune", "score", "evaluate"
+ALL = (TRAIN, TUNE, SCORE, EVAL)
+TRAINING = (TRAIN, TUNE)
+
+PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_STORAGE = "~/raysst-runs"
+
+
+def _f(default: Any, help: str, jobs: Sequence[str] = TRAINING, flag: Optional[dict] = None):
+    kwargs = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(metadata={"help": help, "jobs": tuple(jobs), "flag": flag or {}}, **kwargs)
+
+
+@dataclass
+class Config:
+    # What to train on, and where results go.
+    model: str = _f(PACKAGED_MINILM, "Hugging Face checkpoint: Hub name or local directory", ALL)
+    data: str = _f("nyu-mll/glue", "SST-2: a Hub dataset name or a local directory with train/validation splits")
+    storage_path: str = _f(DEFAULT_STORAGE, "where runs, checkpoints and models are written (local path or s3://...)")
+    name: str = _f("sst2", "run name; rerunning with the same name and storage path resumes")
+    # Scale.
+    num_workers: int = _f(1, "training workers (one per GPU), or model actors when scoring", (TRAIN, SCORE),
+                          flag={TUNE: "workers-per-trial"})
+    use_gpu: bool = _f(False, "run on GPUs", ALL)
+    cpus_per_worker: int = _f(1, "CPUs reserved per worker; on CPU also its torch threads", ALL)
+    # Recipe.
+    epochs: int = _f(3, "training epochs")
+    lr: float = _f(5e-5, "peak learning rate", (TRAIN,))
+    batch_size: int = _f(32, "global training batch size (over all workers and accumulation steps)", (TRAIN,))
+    grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm)")
+    warmup_ratio: float = _f(0.06, "fraction of optimizer steps spent in linear warmup")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns it off)")
+    max_seq_length: int = _f(128, "truncate inputs to this many tokens", ALL)
+    max_train_samples: Optional[int] = _f(None, "train on a random slice of this many examples")
+    group_by_length: bool = _f(True, "batch examples of similar length together to cut padding")
+    precision: str = _f("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16 or fp32", ALL)
+    seed: int = _f(42, "random seed")
+    eval_batch_size: int = _f(128, "batch size for validation and scoring", TRAINING + (EVAL,), flag={SCORE: "batch-size"})
+    # Fault tolerance and logging.
+    keep_checkpoints: int = _f(2, "checkpoints kept, best by validation accuracy")
+    max_failures: int = _f(3, "worker-group restarts from the latest checkpoint before giving up")
+    log_every: int = _f(50, "log one line every N optimizer steps")
+    mlflow_uri: Optional[str] = _f(None, "also log to this MLflow tracking URI")
+    # Tune.
+    num_samples: int = _f(8, "trials in the sweep", (TUNE,))
+    lr_min: float = _f(1e-5, "lower bound of the log-uniform learning rate", (TUNE,))
+    lr_max: float = _f(1e-4, "upper bound of the log-uniform learning rate", (TUNE,))
+    batch_sizes: list = _f([16, 32, 64], "global batch sizes to choose from", (TUNE,))
+    scheduler: str = _f("asha", "asha or none", (TUNE,))
+    search: str = _f("random", "random or optuna", (TUNE,))
+    max_concurrent_trials: Optional[int] = _f(None, "cap on concurrent trials (default: what the cluster fits)", (TUNE,))
+    # Score.
+    input: Optional[str] = _f(None, "file, directory or glob to score", (SCORE,))
+    output: Optional[str] = _f(None, "output directory", (SCORE, EVAL))
+    text_column: Optional[str] = _f(None, "text column (default: `sentence` or `text`)", (SCORE, EVAL))
+    id_column: Optional[str] = _f(None, "id column kept as the row key", (SCORE,))
+    on_bad_file: str = _f("fail", "fail or skip unreadable files", (SCORE,))
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
+        _check(self.lr > 0, "lr", self.lr, "a positive number")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        _check(self.num_workers >= 1, "num_workers", self.num_workers, "at least 1")
+        _check(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, "at least 1")
+        _check(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "at least 1")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0")
+        _check(8 <= self.max_seq_length <= 512, "max_seq_length", self.max_seq_length, "between 8 and 512")
+        _check(self.max_train_samples is None or self.max_train_samples >= 1,
+               "max_train_samples", self.max_train_samples, "at least 1")
+        _check(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision,
+               "one of auto, bf16, fp16, fp32")
+        _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "at least 1")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "at least 1")
+        _check(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")
+        _check(self.log_every >= 1, "log_every", self.log_every, "at least 1")
+        _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+        _check(self.num_samples >= 1, "num_samples", self.num_samples, "at least 1")
+        _check(0 < self.lr_min <= self.lr_max, "lr_min/lr_max", (self.lr_min, self.lr_max), "0 < lr_min <= lr_max")
+        self.batch_sizes = [int(b) for b in (self.batch_sizes.split(",") if isinstance(self.batch_sizes, str)
+                                               else self.batch_sizes)]
+        _check(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch_sizes", self.batch_sizes,
+               "a non-empty list of positive sizes")
+        _check(self.scheduler in ("asha", "none"), "scheduler", self.scheduler, "asha or none")
+        _check(self.search in ("random", "optuna"), "search", self.search, "random or optuna")
+        _check(self.on_bad_file in ("fail", "skip"), "on_bad_file", self.on_bad_file, "fail or skip")
+        per_step = self.num_workers * self.grad_accum_steps
+        _check(self.batch_size % per_step == 0, "batch_size", self.batch_size,
+               f"divisible by num_workers * grad_accum_steps = {per_step}")
+        self.storage_path = expand_path(self.storage_path)
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        return self.batch_size // (self.num_workers * self.grad_accum_steps)
+
+    def replace(self, **changes: Any) -> "Config":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config: {name} must be {expected}, got {value!r}")
+
+
+def expand_path(path: str) -> str:
+    """Absolute local paths (so `ray job submit` workers agree on them); URIs stay as they are."""
+    if "://" in path:
+        return path
+    return str(Path(os.path.expanduser(path)).absolute())
+
+
+def load_config(path: Optional[str] = None, **overrides: Any) -> Config:
+    """Defaults, then the YAML file at `path`, then `overrides` (None means 'not given')."""
+    values: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        values = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path}: expected a mapping of field: value, found {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(Config)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config file {path}: unknown keys {unknown}; known keys are {sorted(known)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Config(**values)
+
+
+def build_parser(job: str, description: str = "") -> argparse.ArgumentParser:
+    """Flags for one job, generated from the fields that job exposes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML file of config values; flags override it")
+    for f in dataclasses.fields(Config):
+        if job not in f.metadata["jobs"] and job not in f.metadata["flag"]:
+            continue
+        flag = "--" + f.metadata["flag"].get(job, f.name.replace("_", "-"))
+        kind = _field_type(f)
+        kwargs: dict = {"dest": f.name, "default": None, "help": f"{f.metadata['help']} (default: {f.default!r})"
+                        if f.default is not dataclasses.MISSING else f.metadata["help"]}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif kind is list:
+            parser.add_argument(flag, type=str, **kwargs)  # comma-separated, parsed by Config
+        else:
+            parser.add_argument(flag, type=kind, **kwargs)
+    return parser
+
+
+def parse_config(job: str, argv: Optional[Sequence[str]] = None, description: str = "") -> Config:
+    """Parse a job's command line into a validated Config; bad values exit with the reason."""
+    parser = build_parser(job, description)
+    args = vars(parser.parse_args(argv))
+    try:
+        return load_config(args.pop("config"), **args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    t = str(f.type)
+    for name, kind in (("bool", bool), ("int", int), ("float", float), ("list", list)):
+        if name in t:
+            return kind
+    return str

@@ -1,0 +1,181 @@
+"""SST-2 data: load and check the splits, hand them to Ray, and batch them for a worker.
+
+Splits come from a local directory (parquet, GLUE-style tsv, csv or jsonl) or from the
+Hugging Face Hub. Every bad input is reported with the file, the column and what was found.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+logger = logging.getLogger(__name__)
+
+TEXT_COLUMNS = ("sentence", "text")
+LABEL_NAMES = {0: "negative", 1: "positive"}
+FORMATS = ("parquet", "tsv", "csv", "jsonl", "json")
+# GLUE ships the validation split as dev.tsv.
+SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "dev", "val")}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is; the message names the file and column."""
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read one parquet, tsv, csv or jsonl file into a DataFrame."""
+    suffix = path.suffix.lstrip(".").lower()
+    try:
+        if suffix == "parquet":
+            return pd.read_parquet(path)
+        if suffix == "tsv":
+            return pd.read_csv(path, sep="\t", quoting=3, keep_default_na=False, na_values=[""])
+        if suffix == "csv":
+            return pd.read_csv(path, keep_default_na=False, na_values=[""])
+        if suffix in ("jsonl", "json"):
+            return pd.read_json(path, lines=True)
+    except Exception as e:  # the reader's own message says what is wrong inside the file
+        raise DataError(f"{path}: could not be read as {suffix}: {e}") from e
+    raise DataError(f"{path}: unsupported format {suffix!r}; use one of {FORMATS}")
+
+
+def find_text_column(columns, source: str, text_column: Optional[str] = None) -> str:
+    """The text column: the one asked for, else `sentence` or `text`."""
+    wanted = (text_column,) if text_column else TEXT_COLUMNS
+    for name in wanted:
+        if name in columns:
+            return name
+    raise DataError(f"{source}: no text column {' or '.join(map(repr, wanted))}; columns are {list(columns)}")
+
+
+def normalize_labels(labels: pd.Series, source: str, column: str = "label") -> pd.Series:
+    """Labels as int 0/1; accepts 0/1 (any int, float or string spelling) and negative/positive."""
+    if labels.isna().any():
+        rows = labels.index[labels.isna()].tolist()[:5]
+        raise DataError(f"{source}: column {column!r} has {int(labels.isna().sum())} missing labels (rows {rows})")
+    by_name = {"negative": 0, "positive": 1, "neg": 0, "pos": 1, "0": 0, "1": 1, "0.0": 0, "1.0": 1}
+    mapped = labels.map(lambda v: by_name.get(str(v).strip().lower()))
+    bad = mapped.isna()
+    if bad.any():
+        found = sorted(map(str, labels[bad].unique()))[:10]
+        raise DataError(f"{source}: column {column!r} must hold 0/1 or negative/positive labels; found {found}")
+    return mapped.astype("int64")
+
+
+def check_frame(df: pd.DataFrame, source: str, text_column: Optional[str] = None,
+                label_column: str = "label") -> pd.DataFrame:
+    """Return a clean (sentence, label) frame, or raise naming what is wrong."""
+    text = find_text_column(df.columns, source, text_column)
+    if label_column not in df.columns:
+        raise DataError(f"{source}: no label column {label_column!r}; columns are {list(df.columns)}")
+    sentences = df[text]
+    missing = sentences.isna()
+    if missing.any():
+        raise DataError(f"{source}: column {text!r} has {int(missing.sum())} null values "
+                        f"(rows {df.index[missing].tolist()[:5]})")
+    not_str = ~sentences.map(lambda v: isinstance(v, str))
+    if not_str.any():
+        raise DataError(f"{source}: column {text!r} must hold strings; found "
+                        f"{sorted({type(v).__name__ for v in sentences[not_str]})} (rows {df.index[not_str].tolist()[:5]})")
+    empty = sentences.str.strip() == ""
+    if empty.any():
+        raise DataError(f"{source}: column {text!r} has {int(empty.sum())} empty sentences "
+                        f"(rows {df.index[empty].tolist()[:5]})")
+    if len(df) == 0:
+        raise DataError(f"{source}: has no rows")
+    labels = normalize_labels(df[label_column], source, label_column)
+    return pd.DataFrame({"sentence": sentences.astype(str).to_numpy(), "label": labels.to_numpy()})
+
+
+def find_split_file(directory: Path, split: str) -> Path:
+    candidates = [directory / f"{stem}.{fmt}" for stem in SPLIT_ALIASES[split] for fmt in FORMATS]
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        raise DataError(f"{directory}: no {split} split; expected one of "
+                        f"{[p.name for p in candidates[:4]]}... (parquet, tsv, csv or jsonl); found {present}")
+    return found[0]
+
+
+def load_split(data: str, split: str) -> pd.DataFrame:
+    """One checked split as a (sentence, label) DataFrame, from a local directory or the Hub."""
+    path = Path(data).expanduser()
+    if path.is_dir():
+        file = find_split_file(path, split)
+        return check_frame(read_table(file), str(file))
+    if path.exists() or data.startswith((".", "/", "~")):
+        raise DataError(f"{data}: not a directory of SST-2 splits (and not a Hub dataset name)")
+    return _load_hub_split(data, split)
+
+
+def _load_hub_split(name: str, split: str) -> pd.DataFrame:
+    import datasets  # heavy; only the Hub path needs it
+
+    config = "sst2" if name.split("/")[-1] == "glue" else None
+    logger.info("loading %s split %s from the Hugging Face Hub", name, split)
+    ds = datasets.load_dataset(name, config, split=split)
+    return check_frame(ds.to_pandas(), f"{name}[{split}]")
+
+
+def load_sst2(data: str, max_train_samples: Optional[int] = None, seed: int = 42):
+    """Train and validation frames; the train slice (if any) is a seeded random sample."""
+    train, validation = load_split(data, "train"), load_split(data, "validation")
+    if max_train_samples and max_train_samples < len(train):
+        train = train.sample(n=max_train_samples, random_state=seed).reset_index(drop=True)
+    return train, validation
+
+
+def to_ray_datasets(train: pd.DataFrame, validation: pd.DataFrame, num_blocks: int = 16) -> dict:
+    """Ray Datasets for the trainer. Validation rows carry their position so workers split it exactly."""
+    import ray.data
+
+    validation = validation.assign(row=np.arange(len(validation)))
+    return {
+        "train": ray.data.from_pandas([train.iloc[part] for part in
+                                       np.array_split(np.arange(len(train)), min(num_blocks, len(train)))]),
+        "validation": ray.data.from_pandas(validation),
+    }
+
+
+def collate(tokenizer, texts, max_length: int, labels=None) -> dict:
+    """Tokenize a batch, padded to its own longest sequence."""
+    batch = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+    if labels is not None:
+        batch["labels"] = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    return dict(batch)
+
+
+def pad(input_ids: list, pad_id: int) -> dict:
+    """Right-pad token id lists to the longest one; the mask marks real tokens."""
+    width = max(map(len, input_ids))
+    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for i, seq in enumerate(input_ids):
+        ids[i, :len(seq)] = torch.as_tensor(seq)
+        mask[i, :len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def length_grouped_batches(texts, labels, tokenizer, batch_size: int, max_length: int,
+                           rng: np.random.Generator, group_by_length: bool = True) -> Iterator[dict]:
+    """Split a pool of examples into batches of similar length, yielded in random order.
+
+    Sorting inside a pool of many batches cuts padding (SST-2 phrases run from 2 to 60 tokens);
+    shuffling the batches keeps the gradient noise of random order.
+    """
+    input_ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    labels = np.asarray(labels)
+    order = np.arange(len(input_ids))
+    if group_by_length:
+        order = np.argsort([len(ids) for ids in input_ids], kind="stable")
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(chunks)
+    for idx in chunks:
+        batch = pad([input_ids[i] for i in idx], tokenizer.pad_token_id)
+        batch["labels"] = torch.as_tensor(labels[idx], dtype=torch.long)
+        yield batch

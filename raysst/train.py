@@ -1,0 +1,228 @@
+"""Fine-tune a BERT encoder on SST-2 with Ray Train: the per-worker loop and the driver."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import uuid
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from raysst.config import Config
+
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: train, evaluate, report and checkpoint each epoch."""
+    import ray.train
+    import torch.distributed as dist
+    from transformers import get_linear_schedule_with_warmup
+
+    from raysst.data import length_grouped_batches
+    from raysst.models import count_parameters, device_dtype, load_classifier, load_tokenizer
+
+    run_id, n_train = config.pop("run_id"), config.pop("n_train")
+    cfg = Config(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg.use_gpu:
+        torch.set_num_threads(cfg.cpus_per_worker)
+    torch.manual_seed(cfg.seed + rank)
+
+    # Resume: the checkpoint holds the weights in Hugging Face form plus optimizer state.
+    checkpoint, state = ray.train.get_checkpoint(), None
+    with (checkpoint.as_directory() if checkpoint else nullcontext()) as ckpt_dir:
+        model = load_classifier(ckpt_dir or cfg.model)
+        if ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
+    tokenizer = load_tokenizer(cfg.model)
+    n_params = count_parameters(model)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+
+    no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n  # noqa: E731
+    groups = [{"params": [p for n, p in model.named_parameters() if not no_decay(n)], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in model.named_parameters() if no_decay(n)], "weight_decay": 0.0}]
+    # Fused AdamW is 6x faster than the default on CPU too; the step is a third of a small model's time.
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+    rows_per_worker = n_train // world  # streaming_split(equal=True) gives every worker this many
+    micro_batches = math.ceil(rows_per_worker / cfg.per_worker_batch_size)
+    steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum_steps)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+
+    dtype = device_dtype(cfg.use_gpu, cfg.precision)
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+    history, start_epoch = [], 1
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        if rank == 0:
+            print(f"[raysst] resuming from the checkpoint of epoch {state['epoch']}", flush=True)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    pool = cfg.per_worker_batch_size * (64 if cfg.group_by_length else 1)
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        rng = np.random.default_rng([cfg.seed, epoch, rank])
+        seen = torch.zeros(3, dtype=torch.float64)  # samples, real tokens, summed loss
+        t0, step = time.perf_counter(), 0
+        micro = 0
+        for chunk in train_shard.iter_batches(batch_size=pool, batch_format="numpy", local_shuffle_buffer_size=pool,
+                                              local_shuffle_seed=cfg.seed * 1000 + epoch):
+            for batch in length_grouped_batches(chunk["sentence"], chunk["label"], tokenizer,
+                                                cfg.per_worker_batch_size, cfg.max_seq_length, rng,
+                                                cfg.group_by_length):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                micro += 1
+                last = micro % cfg.grad_accum_steps == 0 or micro == micro_batches
+                # Skip the gradient all-reduce on accumulation steps; it runs once per optimizer step.
+                sync = nullcontext() if last or world == 1 else model.no_sync()
+                with sync:
+                    with autocast():
+                        loss = model(**batch).loss
+                    scaler.scale(loss / cfg.grad_accum_steps).backward()
+                seen += torch.tensor([len(batch["labels"]), batch["attention_mask"].sum().item(),
+                                      loss.item() * len(batch["labels"])], dtype=torch.float64)
+                if not last:
+                    continue
+                if cfg.max_grad_norm:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if rank == 0 and step % cfg.log_every == 0:
+                    rate = seen[0].item() * world / (time.perf_counter() - t0)
+                    print(f"[raysst] epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f} "
+                          f"lr {scheduler.get_last_lr()[0]:.2e} samples/s {rate:.1f}", flush=True)
+        train_time = time.perf_counter() - t0
+
+        val = evaluate_shard(model, val_shard, tokenizer, cfg, rank, world, device, autocast)
+        totals = seen.to(device)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        samples, tokens, loss_sum = totals.tolist()
+        history.append({
+            "epoch": epoch, "train_loss": loss_sum / samples, **val,
+            "train_samples_per_second": samples / train_time, "train_tokens_per_second": tokens / train_time,
+            "train_steps_per_second": step / train_time, "train_seconds": train_time,
+            "train_samples": int(samples), "flops": 6 * n_params * tokens,
+            "start_epoch": start_epoch, "run_id": run_id,
+        })
+        if rank == 0:
+            print(f"[raysst] epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items()
+                                                        if isinstance(v, float)), flush=True)
+        _report(history, epoch, model, tokenizer, optimizer, scheduler, scaler, rank)
+
+
+@torch.inference_mode()
+def evaluate_shard(model, val_shard, tokenizer, cfg: Config, rank: int, world: int, device, autocast) -> dict:
+    """Validation over the whole set, each row counted by exactly one worker, summed over all."""
+    import torch.distributed as dist
+    from raysst.data import collate
+
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # examples, correct, summed loss
+    for b in val_shard.iter_batches(batch_size=cfg.eval_batch_size, batch_format="numpy"):
+        mine = b["row"] % world == rank
+        if not mine.any():
+            continue
+        batch = {k: v.to(device) for k, v in collate(tokenizer, b["sentence"][mine], cfg.max_seq_length,
+                                                        b["label"][mine]).items()}
+        with autocast():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+        totals += torch.stack([torch.tensor(len(logits), device=device, dtype=torch.float64),
+                               (logits.argmax(-1) == batch["labels"]).sum().double(), loss.double()])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    n, correct, loss_sum = totals.tolist()
+    return {"eval_loss": loss_sum / n, "accuracy": correct / n, "eval_samples": int(n)}
+
+
+def _report(history, epoch, model, tokenizer, optimizer, scheduler, scaler, rank) -> None:
+    """Report the epoch's metrics to Ray Train; rank 0 attaches the checkpoint."""
+    import ray.train
+
+    metrics = dict(history[-1])
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        unwrapped = getattr(model, "module", model)
+        unwrapped.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "epoch": epoch, "history": history}, Path(tmp) / STATE_FILE)
+        (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history, indent=2))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
+
+
+def build_trainer(cfg: Config, datasets: dict, n_train: int, callbacks: Optional[list] = None):
+    """The TorchTrainer for one training run (used directly by train and inside each Tune trial)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    loop_config = {**cfg.to_dict(), "n_train": n_train, "run_id": uuid.uuid4().hex[:8]}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=cfg.storage_path, callbacks=callbacks,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                                         checkpoint_score_attribute="accuracy",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def worker_env(cfg: Config) -> dict:
+    """Environment for workers: quiet tokenizers, no Hub calls for a local model."""
+    from raysst.models import model_is_local
+    from raysst.runtime import QUIET_ENV
+
+    env = {**QUIET_ENV, "OMP_NUM_THREADS": str(cfg.cpus_per_worker)}
+    if model_is_local(cfg.model):
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def train_driver_fn(cfg: Config) -> Path:
+    """Load data, run the trainer (resuming a run of the same name), export the best model."""
+    from raysst.data import load_sst2, to_ray_datasets
+    from raysst.export import export_run
+    from raysst.runtime import init_ray
+
+    init_ray()
+    train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
+    print(f"[raysst] data: {len(train)} train, {len(validation)} validation rows from {cfg.data}", flush=True)
+    result = build_trainer(cfg, to_ray_datasets(train, validation), len(train)).fit()
+    model_dir = export_run(result, cfg)
+    print(f"[raysst] model exported to {model_dir}", flush=True)
+    return model_dir
