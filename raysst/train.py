@@ -207,7 +207,8 @@ def worker_env(cfg: Config) -> dict:
     from raysst.models import model_is_local
     from raysst.runtime import QUIET_ENV
 
-    env = {**QUIET_ENV, "OMP_NUM_THREADS": str(cfg.cpus_per_worker)}
+    # Train's print patch echoes every line twice in `ray job logs`; plain print is enough here.
+    env = {**QUIET_ENV, "OMP_NUM_THREADS": str(cfg.cpus_per_worker), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if model_is_local(cfg.model):
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env

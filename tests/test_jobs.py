@@ -1,0 +1,64 @@
+"""`ray job submit` against a `ray start --head` cluster that the test starts and stops itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real head node on free ports; the process group is killed at the end (not `ray stop`,
+    which would stop every Ray on the machine)."""
+    port, dash = free_port(), free_port()
+    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+                             "--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while subprocess.run([RAY, "job", "list", "--address", address], capture_output=True).returncode:
+        assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
+        time.sleep(2)
+    yield address
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def submit(address: str, *args: str, timeout: int = 400) -> str:
+    """Submit a job from the project root as a user would; return its logs, failing on a non-zero exit."""
+    env = {**os.environ, "RAY_ADDRESS": address}
+    done = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+@pytest.mark.timeout(600)
+def test_submit_train_job(ray_head, tiny_model, sst2_small, tmp_path):
+    out = submit(ray_head, "jobs/train.py", "--model", tiny_model, "--data", str(sst2_small),
+                 "--num-workers", "2", "--epochs", "1", "--batch-size", "16",
+                 "--storage-path", str(tmp_path), "--name", "submitted")
+    model_dir = tmp_path / "submitted" / "model"
+    assert f"model exported to {model_dir}" in out
+    assert json.loads((model_dir / "metrics.json").read_text())["epochs"][0]["eval_samples"] == 101
+    assert (model_dir / "model.safetensors").exists() and (model_dir / "README.md").exists()
