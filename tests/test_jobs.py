@@ -15,6 +15,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
+# Jobs run `python` from the head's PATH: make it this interpreter, whatever the caller's PATH.
+# Ray 2.60 starts heads with token auth, but its CLI only sends ~/.ray/auth_token in token mode.
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+       "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
 
 
 def free_port() -> int:
@@ -27,13 +31,20 @@ def free_port() -> int:
 def ray_head(tmp_path_factory):
     """A real head node on free ports; the process group is killed at the end (not `ray stop`,
     which would stop every Ray on the machine)."""
+    # Every port free and explicit: the defaults (agent 52365, ...) clash with any other Ray on the machine,
+    # such as the in-process one of the other tests.
     port, dash = free_port(), free_port()
+    ports = {f"--{name}": free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "metrics-export-port", "runtime-env-agent-port",
+                                                   "ray-client-server-port", "node-manager-port",
+                                                   "object-manager-port")}
     head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-                             "--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true"],
+                             "--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
+                             "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
-    while subprocess.run([RAY, "job", "list", "--address", address], capture_output=True).returncode:
+    while subprocess.run([RAY, "job", "list", "--address", address], env=ENV, capture_output=True).returncode:
         assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
         time.sleep(2)
     yield address
@@ -46,9 +57,13 @@ def ray_head(tmp_path_factory):
 
 def submit(address: str, *args: str, timeout: int = 400) -> str:
     """Submit a job from the project root as a user would; return its logs, failing on a non-zero exit."""
-    env = {**os.environ, "RAY_ADDRESS": address}
-    done = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    env = {**ENV, "RAY_ADDRESS": address}
+    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", *args]
+    for _ in range(20):
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in done.stderr + done.stdout:
+            break
+        time.sleep(3)  # the head's job agent starts a little after its dashboard answers
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done.stdout
 
