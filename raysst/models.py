@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 from raysst.config import PACKAGED_MINILM
 from raysst.data import LABEL_NAMES

@@ -1,0 +1,127 @@
+"""Training benchmarks (not run in CI). Each part prints its figures as one JSON line.
+
+    python bench/bench_train.py vs-hf  [--samples 6000]   # our trainer vs the HF Trainer, same run
+    python bench/bench_train.py local                     # configs/local.yaml: wall time, accuracy
+    python bench/bench_train.py full                      # MiniLM, full SST-2, 1 epoch: accuracy, samples/s
+    python bench/bench_train.py gpu   [--batch-size 128]  # bert-base-shaped model, bf16, one GPU: samples/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from raysst.config import PACKAGED_MINILM, load_config  # noqa: E402
+from raysst.data import load_sst2  # noqa: E402
+
+SST2 = str((ROOT.parent / "shared" / "data" / "sst2").resolve())
+
+
+def run_ours(storage: str, **overrides) -> dict:
+    """One job through the project's own driver; returns its metrics.json plus the wall time."""
+    from raysst.train import train_driver_fn
+
+    cfg = load_config(str(ROOT / "configs" / "local.yaml"), data=SST2, storage_path=storage, **overrides)
+    start = time.perf_counter()
+    model_dir = train_driver_fn(cfg)
+    metrics = json.loads((Path(model_dir) / "metrics.json").read_text())
+    return {**metrics, "wall_seconds": time.perf_counter() - start}
+
+
+def run_hf_trainer(samples: int, strategy: str = "random", threads: int = 2, lr: float = 1e-4) -> dict:
+    """The baseline a user would pick: transformers.Trainer, dynamic padding, same model, batch, threads."""
+    import datasets
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from raysst.models import load_classifier, load_tokenizer
+
+    torch.set_num_threads(threads)
+    train, validation = load_sst2(SST2, samples, seed=42)
+    tok = load_tokenizer(PACKAGED_MINILM)
+
+    def encode(df):
+        ds = datasets.Dataset.from_pandas(df.rename(columns={"label": "labels"}))
+        return ds.map(lambda b: tok(b["sentence"], truncation=True, max_length=128), batched=True,
+                      remove_columns=["sentence"])
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=32, per_device_eval_batch_size=128,
+                                 num_train_epochs=1, learning_rate=lr, warmup_ratio=0.06, weight_decay=0.01,
+                                 lr_scheduler_type="linear", use_cpu=True, report_to=[], save_strategy="no",
+                                 logging_steps=10_000, seed=42, train_sampling_strategy=strategy,
+                                 dataloader_num_workers=0)
+        trainer = Trainer(model=load_classifier(PACKAGED_MINILM), args=args, train_dataset=encode(train),
+                          eval_dataset=encode(validation), data_collator=DataCollatorWithPadding(tok),
+                          compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
+        start = time.perf_counter()
+        stats = trainer.train().metrics
+        wall = time.perf_counter() - start
+        accuracy = trainer.evaluate()["eval_accuracy"]
+    return {"train_samples_per_second": stats["train_samples_per_second"], "wall_seconds": wall,
+            "accuracy": accuracy}
+
+
+def vs_hf(samples: int) -> dict:
+    """Same slice, model, batch 32, lr, 2 threads: our Ray trainer, then HF Trainer (random and grouped)."""
+    with tempfile.TemporaryDirectory() as storage:
+        ours = run_ours(storage, max_train_samples=samples, name="vs-hf")
+    hf = run_hf_trainer(samples)
+    hf_grouped = run_hf_trainer(samples, strategy="group_by_length")
+    ours_sps = ours["train_samples_per_second"]
+    return {"bench": "train vs HF Trainer", "samples": samples, "model": "all-MiniLM-L6-v2", "threads": 2,
+            "raysst_samples_per_second": ours_sps, "raysst_accuracy": ours["accuracy"],
+            "raysst_wall_seconds_incl_ray_startup": ours["wall_seconds"],
+            "hf_trainer_samples_per_second": hf["train_samples_per_second"], "hf_trainer_accuracy": hf["accuracy"],
+            "hf_trainer_grouped_samples_per_second": hf_grouped["train_samples_per_second"],
+            "speedup_vs_hf_trainer": ours_sps / hf["train_samples_per_second"],
+            "speedup_vs_hf_trainer_grouped": ours_sps / hf_grouped["train_samples_per_second"]}
+
+
+def local() -> dict:
+    with tempfile.TemporaryDirectory() as storage:
+        m = run_ours(storage)
+    return {"bench": "configs/local.yaml", "wall_seconds": m["wall_seconds"], "accuracy": m["accuracy"],
+            "train_samples": m["epochs"][-1]["train_samples"], "samples_per_second": m["train_samples_per_second"]}
+
+
+def full() -> dict:
+    with tempfile.TemporaryDirectory() as storage:
+        m = run_ours(storage, max_train_samples=None, name="full")
+    return {"bench": "MiniLM, full SST-2, 1 epoch", "wall_seconds": m["wall_seconds"], "accuracy": m["accuracy"],
+            "eval_loss": m["eval_loss"], "samples_per_second": m["train_samples_per_second"],
+            "tokens_per_second": m["train_tokens_per_second"]}
+
+
+def gpu(batch_size: int) -> dict:
+    """The project's trainer on one GPU: bert-base-shaped random weights (the Hub is out of reach), bf16,
+    full SST-2 for one epoch. Speed is real; accuracy is not (random weights)."""
+    import torch
+
+    from raysst.models import make_random_model
+
+    assert torch.cuda.is_available(), "the gpu part needs a CUDA GPU"
+    with tempfile.TemporaryDirectory() as d:
+        model = make_random_model(str(Path(d) / "bert-base-random"))
+        m = run_ours(d, model=model, max_train_samples=None, use_gpu=True, precision="bf16", cpus_per_worker=4,
+                     batch_size=batch_size, eval_batch_size=512, name="gpu", log_every=100)
+    return {"bench": "bert-base-shaped bf16 training, 1 GPU, raysst trainer", "gpu": torch.cuda.get_device_name(0),
+            "batch_size": batch_size, "samples_per_second": m["train_samples_per_second"],
+            "tokens_per_second": m["train_tokens_per_second"], "wall_seconds_incl_ray_startup": m["wall_seconds"]}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["vs-hf", "local", "full", "gpu"])
+    parser.add_argument("--samples", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    a = parser.parse_args()
+    result = {"vs-hf": lambda: vs_hf(a.samples), "local": local, "full": full, "gpu": lambda: gpu(a.batch_size)}[a.part]()
+    print(json.dumps(result))
