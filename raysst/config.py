@@ -50,7 +50,7 @@ class Config:
     warmup_ratio: float = _f(0.06, "fraction of optimizer steps spent in linear warmup")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns it off)")
     max_seq_length: int = _f(128, "truncate inputs to this many tokens", ALL)
-    max_train_samples: Optional[int] = _f(None, "train on a random slice of this many examples")
+    max_train_samples: Optional[int] = _f(None, "train on a random slice of this many examples (0: all)")
     group_by_length: bool = _f(True, "batch examples of similar length together to cut padding")
     precision: str = _f("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16 or fp32", ALL)
     seed: int = _f(42, "random seed")
@@ -86,8 +86,8 @@ class Config:
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0")
         _check(8 <= self.max_seq_length <= 512, "max_seq_length", self.max_seq_length, "between 8 and 512")
-        _check(self.max_train_samples is None or self.max_train_samples >= 1,
-               "max_train_samples", self.max_train_samples, "at least 1")
+        _check(self.max_train_samples is None or self.max_train_samples >= 0,
+               "max_train_samples", self.max_train_samples, "0 (all) or more")
         _check(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision,
                "one of auto, bf16, fp16, fp32")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "at least 1")
