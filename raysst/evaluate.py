@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import posixpath
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 
 from raysst.config import Config
 from raysst.data import LABEL_NAMES, DataError, find_text_column, normalize_labels
-from raysst.report import (CURVES, FIGURES, card_section, local_dir, read_text, report_markdown, write_comparison,
-                           write_parquet, write_text)
+from raysst.report import (CURVES, FIGURES, card_section, local_dir, read_text, report_markdown, with_card_section,
+                           write_comparison, write_text)
 
 N_BINS = 10
 TOP_MISTAKES = 20
@@ -156,23 +159,39 @@ def model_names(models: Sequence[str]) -> list:
 
 
 def evaluate_model(cfg: Config, out_dir: str, scored_dir: str) -> dict:
-    """Score cfg.input with cfg.model (the batch scorer), then write its report to `out_dir`."""
+    """Score cfg.input with cfg.model (the batch scorer) into `scored_dir`, then write the report to `out_dir`.
+
+    The scorer resumes from the parts it finds, so `scored_dir` is emptied first: a retrained model
+    at the same path must not be judged on its predecessor's scores.
+    """
     from raysst.score import read_scored, score_driver_fn
 
-    score_driver_fn(cfg.replace(output=scored_dir, models=[]))
+    shutil.rmtree(scored_dir, ignore_errors=True)
+    summary = score_driver_fn(cfg.replace(output=scored_dir, models=[]))
     report = {"model": cfg.model, "data": cfg.input, "label_column": cfg.label_column,
-              **evaluate_frame(read_scored(scored_dir), cfg.input, cfg.label_column, cfg.text_column)}
+              **evaluate_frame(read_scored(scored_dir), cfg.input, cfg.label_column, cfg.text_column),
+              "scoring": summary}
     write_report(report, out_dir)
     print(f"[raysst] {cfg.model}: accuracy {report['accuracy']:.4f} on {report['n']} rows; report in {out_dir}",
           flush=True)
     return report
 
 
+@contextmanager
+def scored_dir_for(out_dir: str, name: str) -> Iterator[str]:
+    """`<out_dir>/scored/<name>` for a local output; a temporary directory for a URI (the scorer writes locally)."""
+    if "://" not in out_dir:
+        yield str(Path(out_dir, "scored", name))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield str(Path(tmp, name))
+
+
 def evaluate_driver_fn(cfg: Config) -> dict:
     """Evaluate every model of cfg.eval_models on cfg.input; with several, also write a comparison table.
 
     One model: reports in `<output>/`. Several: `<output>/<name>/` each, and `<output>/comparison.md`.
-    Scores land in `<output>/scored/<name>/`. Returns {name: report}.
+    Scores land in `<output>/scored/<name>/` (kept only for a local output). Returns {name: report}.
     """
     from raysst.runtime import init_ray
 
@@ -184,7 +203,8 @@ def evaluate_driver_fn(cfg: Config) -> dict:
     reports = {}
     for model, name in zip(models, names):
         out = cfg.output if len(models) == 1 else posixpath.join(cfg.output, name)
-        reports[name] = evaluate_model(cfg.replace(model=model), out, posixpath.join(cfg.output, "scored", name))
+        with scored_dir_for(cfg.output, name) as scored:
+            reports[name] = evaluate_model(cfg.replace(model=model), out, scored)
     if len(models) > 1:
         write_comparison(reports, cfg.output)
     return reports
@@ -202,19 +222,21 @@ def training_report(model_dir: str, validation: Union[pd.DataFrame, str], histor
 
     cfg = cfg or Config()
     eval_dir = posixpath.join(model_dir, "eval")
-    data = validation
-    if isinstance(validation, pd.DataFrame):
-        data = posixpath.join(eval_dir, "validation.parquet")  # the scorer reads files, and the rows stay on record
-        write_parquet(validation, data)
-    report = evaluate_model(cfg.replace(model=model_dir, input=data), eval_dir, posixpath.join(eval_dir, "scored"))
-    history = history if history is not None else json.loads(read_text(posixpath.join(model_dir, "metrics.json")))["epochs"]
+    with scored_dir_for(eval_dir, "") as scored, tempfile.TemporaryDirectory() as tmp:
+        data = validation
+        if isinstance(validation, pd.DataFrame):
+            # The scorer reads files. Next to a local model the rows stay on record (and on its shared disk).
+            data = str(Path(tmp if "://" in eval_dir else eval_dir, "validation.parquet"))
+            Path(data).parent.mkdir(parents=True, exist_ok=True)
+            validation.to_parquet(data, index=False)
+            cfg = cfg.replace(label_column="label", text_column=None)  # the (sentence, label) of check_frame
+        report = evaluate_model(cfg.replace(model=model_dir, input=data), eval_dir, scored)
+    if history is None:
+        history = json.loads(read_text(posixpath.join(model_dir, "metrics.json")))["epochs"]
     with local_dir(eval_dir) as out:
         plot_training_curves(history, out / CURVES, cfg.name)
     section = card_section(report, "eval")
     if update_card:
         card_path = posixpath.join(model_dir, "README.md")
-        card = read_text(card_path)
-        marker = "## Intended uses and limitations"
-        card = card.replace(marker, section + "\n" + marker, 1) if marker in card else card.rstrip() + "\n\n" + section
-        write_text(card_path, card)
+        write_text(card_path, with_card_section(read_text(card_path), section))
     return section

@@ -38,15 +38,6 @@ def write_text(path: str, text: str) -> None:
         f.write(text.encode())
 
 
-def write_parquet(frame, path: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    fs, p = _fs(path)
-    fs.create_dir(posixpath.dirname(p), recursive=True)
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), p, filesystem=fs)
-
-
 @contextmanager
 def local_dir(dest: str) -> Iterator[Path]:
     """`dest` itself when local; for a URI, a temporary directory copied into `dest` at the end."""
@@ -172,7 +163,7 @@ def card_section(report: dict, eval_dir: str = "eval") -> str:
     return f"""## Evaluation report
 
 On the validation set ({report['n']} sentences): accuracy **{report['accuracy']:.2%}**
-(95% CI {_ci(report['accuracy_ci95'])}), macro F1 {report['macro_f1']:.4f},
+(95% CI {report['accuracy_ci95'][0]:.2%} to {report['accuracy_ci95'][1]:.2%}), macro F1 {report['macro_f1']:.4f},
 expected calibration error {cal['ece']:.4f} ({cal['n_bins']} bins), Brier score {cal['brier']:.4f}.
 Per-class scores, calibration, accuracy by length and the most confident mistakes are in
 [{link('report.md')}]({link('report.md')}); the figures as JSON in [{link('report.json')}]({link('report.json')}).
@@ -182,3 +173,15 @@ Per-class scores, calibration, accuracy by length and the most confident mistake
 ![Reliability diagram]({link(FIGURES['reliability'])})
 ![Accuracy by length]({link(FIGURES['length'])})
 """
+
+
+def with_card_section(card: str, section: str, before: str = "## Intended uses and limitations") -> str:
+    """The model card with `section` in place of an earlier one of the same heading, else just before `before`."""
+    heading = section.split("\n", 1)[0]
+    if heading in card:  # a rerun replaces its section instead of adding a second one
+        start = card.index(heading)
+        end = card.find("\n## ", start + len(heading))
+        card = card[:start] + card[end + 1:] if end >= 0 else card[:start]
+    if before in card:
+        return card.replace(before, section + "\n" + before, 1)
+    return card.rstrip() + "\n\n" + section
