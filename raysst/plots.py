@@ -101,6 +101,10 @@ def plot_training_curves(history: list, path: Path, title: str = "") -> Path:
     loss.set_ylabel("cross-entropy loss")
     loss.legend(fontsize=8)
     acc.plot(epochs, [row["accuracy"] for row in history], "o-", color="tab:green")
+    best = max(history, key=lambda row: row["accuracy"])  # the epoch export_run keeps
+    acc.plot([best["epoch"]], [best["accuracy"]], "*", ms=14, color="tab:orange",
+             label=f"best, exported: epoch {best['epoch']}")
+    acc.legend(fontsize=8)
     acc.set_xlabel("epoch")
     acc.set_ylabel("validation accuracy")
     for ax in (loss, acc):
