@@ -21,13 +21,13 @@ from raysst.config import Config
 from raysst.data import LABEL_NAMES, DataError, find_text_column, normalize_labels
 from raysst.report import (CURVES, FIGURES, card_section, local_dir, read_text, report_markdown, with_card_section,
                            write_comparison, write_text)
+from raysst.score_workers import OUTPUT_COLUMNS
 
 N_BINS = 10
 TOP_MISTAKES = 20
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 # Word-count buckets [lo, next lo); words, not tokens, so models with different tokenizers compare.
 LENGTH_EDGES = (1, 6, 11, 21, 31, 41, 81)
-SCORER_COLUMNS = ("label", "score", "prob_positive", "status")  # what raysst.score adds to each row
 
 
 def wilson_interval(correct: int, n: int, z: float = Z95) -> list:
@@ -109,14 +109,14 @@ def compute_report(texts: Sequence[str], gold_labels: Sequence, prob_positive: S
 
 def scored_name(column: str) -> str:
     """Where an input column ends up in the scorer's output (renamed when it clashes with an output)."""
-    return f"input_{column}" if column in SCORER_COLUMNS else column
+    return f"input_{column}" if column in OUTPUT_COLUMNS else column
 
 
 def evaluate_frame(scored: pd.DataFrame, source: str, label_column: str = "label",
                    text_column: Optional[str] = None) -> dict:
     """The report for a scorer output frame; rows the scorer could not score are counted, not evaluated."""
-    inputs = {scored_name(c): c for c in SCORER_COLUMNS}
-    found = [inputs.get(c, c) for c in scored.columns if c not in SCORER_COLUMNS]
+    inputs = {scored_name(c): c for c in OUTPUT_COLUMNS}
+    found = [inputs.get(c, c) for c in scored.columns if c not in OUTPUT_COLUMNS]
     gold_col = scored_name(label_column)
     if gold_col not in scored.columns:
         raise DataError(f"{source}: no label column {label_column!r}; columns are {found} "

@@ -207,21 +207,6 @@ def test_config_for_evaluate():
 
 # ---- end to end through the batch scorer (Ray Data) on a tiny real model ----
 
-def _scorer_missing() -> bool:
-    """True only while raysst.score does not exist (it is built on another branch); any other error is raised."""
-    try:
-        import raysst.score  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name == "raysst.score":
-            return True
-        raise
-    return False
-
-
-# A mark, not a skip in the body, so a missing scorer does not first pay for starting Ray and the models.
-needs_scorer = pytest.mark.skipif(_scorer_missing(), reason="raysst.score is not on this branch yet")
-
-
 @pytest.fixture(scope="module")
 def trained_model(sst2_small, tmp_path_factory) -> str:
     """A tiny model (seeded) fine-tuned for 3 epochs on the 800 training rows with plain torch, in seconds:
@@ -263,7 +248,6 @@ def direct_probabilities(model_dir: str, texts: list) -> np.ndarray:
     return torch.softmax(logits.float(), dim=-1)[:, 1].numpy()
 
 
-@needs_scorer
 @pytest.mark.timeout(240)
 def test_evaluate_two_models_end_to_end(ray_local, tiny_model, trained_model, sst2_small, tmp_path):
     from raysst.score import read_scored
@@ -297,7 +281,6 @@ def test_evaluate_two_models_end_to_end(ray_local, tiny_model, trained_model, ss
     assert f"| accuracy | {new:.4f} | {old:.4f} | {old - new:+.4f} |" in md
 
 
-@needs_scorer
 @pytest.mark.timeout(180)
 def test_string_labels_and_missing_label_column_end_to_end(ray_local, trained_model, sst2_small, tmp_path):
     from raysst.evaluate import evaluate_driver_fn
@@ -321,7 +304,6 @@ def test_string_labels_and_missing_label_column_end_to_end(ray_local, trained_mo
         evaluate_driver_fn(bad)
 
 
-@needs_scorer
 @pytest.mark.timeout(180)
 def test_training_report_into_model_dir(ray_local, trained_model, sst2_small, tmp_path):
     from raysst.evaluate import training_report
