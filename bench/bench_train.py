@@ -94,7 +94,7 @@ def local() -> dict:
 
 def full() -> dict:
     with tempfile.TemporaryDirectory() as storage:
-        m = run_ours(storage, max_train_samples=None, name="full")
+        m = run_ours(storage, max_train_samples=0, name="full")
     return {"bench": "MiniLM, full SST-2, 1 epoch", "wall_seconds": m["wall_seconds"], "accuracy": m["accuracy"],
             "eval_loss": m["eval_loss"], "samples_per_second": m["train_samples_per_second"],
             "tokens_per_second": m["train_tokens_per_second"]}
@@ -110,7 +110,7 @@ def gpu(batch_size: int) -> dict:
     assert torch.cuda.is_available(), "the gpu part needs a CUDA GPU"
     with tempfile.TemporaryDirectory() as d:
         model = make_random_model(str(Path(d) / "bert-base-random"))
-        m = run_ours(d, model=model, max_train_samples=None, use_gpu=True, precision="bf16", cpus_per_worker=4,
+        m = run_ours(d, model=model, max_train_samples=0, use_gpu=True, precision="bf16", cpus_per_worker=4,
                      batch_size=batch_size, eval_batch_size=512, name="gpu", log_every=100)
     return {"bench": "bert-base-shaped bf16 training, 1 GPU, raysst trainer", "gpu": torch.cuda.get_device_name(0),
             "batch_size": batch_size, "samples_per_second": m["train_samples_per_second"],

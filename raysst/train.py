@@ -27,7 +27,8 @@ def train_fn_per_worker(config: dict) -> None:
     from transformers import get_linear_schedule_with_warmup
 
     from raysst.data import length_grouped_batches
-    from raysst.models import count_parameters, device_dtype, load_classifier, load_tokenizer
+    from raysst.models import count_parameters, device_dtype, fetch_once_per_node, load_classifier, load_tokenizer
+    from raysst.tracking import Tracker
 
     run_id, n_train = config.pop("run_id"), config.pop("n_train")
     cfg = Config(**config)
@@ -38,12 +39,13 @@ def train_fn_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed + rank)
 
     # Resume: the checkpoint holds the weights in Hugging Face form plus optimizer state.
+    model_path = fetch_once_per_node(cfg.model, ctx.get_local_rank())
     checkpoint, state = ray.train.get_checkpoint(), None
     with (checkpoint.as_directory() if checkpoint else nullcontext()) as ckpt_dir:
-        model = load_classifier(ckpt_dir or cfg.model)
+        model = load_classifier(ckpt_dir or model_path)
         if ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(model_path)
     n_params = count_parameters(model)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
@@ -72,6 +74,7 @@ def train_fn_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[raysst] resuming from the checkpoint of epoch {state['epoch']}", flush=True)
 
+    tracker = Tracker(cfg, enabled=rank == 0)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     pool = cfg.per_worker_batch_size * (64 if cfg.group_by_length else 1)
@@ -110,6 +113,8 @@ def train_fn_per_worker(config: dict) -> None:
                 step += 1
                 if rank == 0 and step % cfg.log_every == 0:
                     rate = seen[0].item() * world / (time.perf_counter() - t0)
+                    tracker.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "samples_per_second": rate},
+                                (epoch - 1) * steps_per_epoch + step, "train/")
                     print(f"[raysst] epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f} "
                           f"lr {scheduler.get_last_lr()[0]:.2e} samples/s {rate:.1f}", flush=True)
         train_time = time.perf_counter() - t0
@@ -127,9 +132,11 @@ def train_fn_per_worker(config: dict) -> None:
             "start_epoch": start_epoch, "run_id": run_id,
         })
         if rank == 0:
+            tracker.log(history[-1], epoch * steps_per_epoch, "epoch/")
             print(f"[raysst] epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items()
                                                         if isinstance(v, float)), flush=True)
         _report(history, epoch, model, tokenizer, optimizer, scheduler, scaler, rank)
+    tracker.close()
 
 
 @torch.inference_mode()
@@ -218,7 +225,9 @@ def train_driver_fn(cfg: Config) -> Path:
     from raysst.data import load_sst2, to_ray_datasets
     from raysst.export import export_run
     from raysst.runtime import init_ray
+    from raysst.tracking import require_mlflow
 
+    require_mlflow(cfg)
     init_ray()
     train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
     print(f"[raysst] data: {len(train)} train, {len(validation)} validation rows from {cfg.data}", flush=True)

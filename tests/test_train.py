@@ -34,7 +34,8 @@ def trained(ray_local, tiny_model, sst2_small, tmp_path_factory):
     """One 2-worker DDP run shared by the assertions below."""
     from raysst.train import train_driver_fn
 
-    cfg = tiny_cfg(tiny_model, sst2_small, tmp_path_factory.mktemp("train"))
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = tiny_cfg(tiny_model, sst2_small, tmp, mlflow_uri=f"sqlite:///{tmp}/mlflow.db")
     return cfg, Path(train_driver_fn(cfg))
 
 
@@ -52,6 +53,18 @@ def test_two_worker_run_checkpoints_and_metrics(trained):
     card = (model_dir / "README.md").read_text()
     assert "| Epoch | Training Loss | Validation Loss | Accuracy |" in card
     assert f"| 2 | {metrics['epochs'][1]['train_loss']:.4f} |" in card
+
+
+def test_tensorboard_and_mlflow_tracking(trained):
+    import mlflow
+
+    cfg, model_dir = trained
+    assert list((Path(cfg.storage_path) / cfg.name / "tensorboard").glob("events.out.tfevents.*"))
+    last = json.loads((model_dir / "metrics.json").read_text())["epochs"][-1]
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    run = mlflow.search_runs(experiment_names=["raysst"]).iloc[0]
+    assert run["metrics.epoch_accuracy"] == pytest.approx(last["accuracy"])
+    assert run["params.lr"] == str(cfg.lr) and run["tags.mlflow.runName"] == cfg.name
 
 
 def test_exported_model_loads_in_pipeline(trained):
