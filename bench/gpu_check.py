@@ -154,7 +154,16 @@ def table(rows: list[dict]) -> str:
         else:
             text = f"{res['rows_per_second']:,.0f} rows/s ({res['rows']:,} rows, {res['dtype']}, batch {res['batch_size']})"
         lines.append(f"{r['step']:<7} {text:<58} {r['wall_seconds']:>7.1f}s")
+    lines.append(f"{'total':<7} {'':<58} {sum(r['wall_seconds'] for r in rows):>7.1f}s")
     return "\n".join(lines)
+
+
+def describe(v: dict) -> str:
+    """The versions as one readable line."""
+    gpu = v["gpu"] if "driver" not in v else (f"{v['gpu']} ({v['gpu_memory_gib']} GiB, compute capability "
+                                             f"{v['compute_capability']}, driver {v['driver']})")
+    return (f"GPU: {gpu}; torch {v['torch']} (CUDA {v['cuda']}); Ray {v['ray']}; transformers {v['transformers']}; "
+            f"Python {v['python']}")
 
 
 def make_model(directory: Path, tokenizer: str, tiny: bool) -> dict:
@@ -194,7 +203,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "or run `python bench/gpu_check.py --cpu-smoke` to try the code path on CPU.", file=sys.stderr)
         return 2
     size = SIZES["gpu" if on_gpu else "cpu"]
-    print(json.dumps({"versions": versions()}), flush=True)
+    info = versions()
+    print(describe(info), flush=True)
     smoke = [] if on_gpu else ["--device", "cpu"]
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         data = args.data if on_gpu else write_smoke_data(args.data, Path(tmp) / "sst2-smoke")
@@ -211,8 +221,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         except Exception as e:
             rows.append({"step": "score", "ok": False, "wall_seconds": 0.0, "result": None,
                          "error": f"could not write the corpus: {type(e).__name__}: {e}"})
+    print(describe(info))
     print(table(rows))
-    print(json.dumps({"gpu_check": rows}))
+    print(json.dumps({"gpu_check": rows, "versions": info}))
     return 0 if all(r["ok"] for r in rows) else 1
 
 

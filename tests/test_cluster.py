@@ -243,3 +243,4 @@ def test_table_gives_each_steps_figure_or_its_failure():
     lines = g.table(rows).splitlines()
     assert lines[2].split() == ["train", "FAILED:", "exit", "status", "1", "20.5s"]
     assert lines[3].split() == ["score", "12,346", "rows/s", "(200,000", "rows,", "bfloat16,", "batch", "1024)", "41.0s"]
+    assert lines[4].split() == ["total", "64.5s"]
