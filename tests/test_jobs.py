@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 # Jobs run `python` from the head's PATH: make it this interpreter, whatever the caller's PATH.
 # Ray 2.60 starts heads with token auth, but its CLI only sends ~/.ray/auth_token in token mode.
-ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+# RAY_API_SERVER_ADDRESS (set for the in-process local Ray) would override `--address`: drop it.
+ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
 
 
