@@ -4,6 +4,7 @@
     python bench/bench_train.py local                     # configs/local.yaml: wall time, accuracy
     python bench/bench_train.py full                      # MiniLM, full SST-2, 1 epoch: accuracy, samples/s
     python bench/bench_train.py gpu   [--batch-size 128]  # bert-base-shaped model, bf16, one GPU: samples/s
+        [--model DIR] [--data DIR] [--samples N] [--device cpu]  # (bench/gpu_check.py passes these)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,7 +30,7 @@ def run_ours(storage: str, **overrides) -> dict:
     """One job through the project's own driver; returns its metrics.json plus the wall time."""
     from raysst.train import train_driver_fn
 
-    cfg = load_config(str(ROOT / "configs" / "local.yaml"), data=SST2, storage_path=storage, **overrides)
+    cfg = load_config(str(ROOT / "configs" / "local.yaml"), **{"data": SST2, "storage_path": storage, **overrides})
     start = time.perf_counter()
     model_dir = train_driver_fn(cfg)
     metrics = json.loads((Path(model_dir) / "metrics.json").read_text())
@@ -100,28 +102,40 @@ def full() -> dict:
             "tokens_per_second": m["train_tokens_per_second"]}
 
 
-def gpu(batch_size: int) -> dict:
+def gpu(batch_size: int, model: Optional[str] = None, data: str = SST2, samples: int = 0, device: str = "cuda") -> dict:
     """The project's trainer on one GPU: bert-base-shaped random weights (the Hub is out of reach), bf16,
-    full SST-2 for one epoch. Speed is real; accuracy is not (random weights)."""
+    full SST-2 (or `samples` of it) for one epoch. Speed is real; accuracy is not (random weights).
+
+    `model` replaces the fresh bert-base; `device="cpu"` runs the same path in fp32 on one CPU, which is
+    how bench/gpu_check.py's smoke test keeps this code alive without a GPU."""
     import torch
 
-    from raysst.models import make_random_model
+    from raysst.models import hardware, make_random_model
 
-    assert torch.cuda.is_available(), "the gpu part needs a CUDA GPU"
+    on_gpu = device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("bench_train.py gpu: no CUDA GPU is visible (torch.cuda.is_available() is False)")
     with tempfile.TemporaryDirectory() as d:
-        model = make_random_model(str(Path(d) / "bert-base-random"))
-        m = run_ours(d, model=model, max_train_samples=0, use_gpu=True, precision="bf16", cpus_per_worker=4,
+        model = model or make_random_model(str(Path(d) / "bert-base-random"))
+        m = run_ours(d, model=model, data=data, max_train_samples=samples, use_gpu=on_gpu,
+                     precision="bf16" if on_gpu else "fp32", cpus_per_worker=4 if on_gpu else 1,
                      batch_size=batch_size, eval_batch_size=512, name="gpu", log_every=100)
-    return {"bench": "bert-base-shaped bf16 training, 1 GPU, raysst trainer", "gpu": torch.cuda.get_device_name(0),
-            "batch_size": batch_size, "samples_per_second": m["train_samples_per_second"],
-            "tokens_per_second": m["train_tokens_per_second"], "wall_seconds_incl_ray_startup": m["wall_seconds"]}
+    return {"bench": f"bert-base-shaped {'bf16' if on_gpu else 'fp32'} training, 1 {device.upper()} worker, "
+                     "raysst trainer", "gpu": torch.cuda.get_device_name(0) if on_gpu else hardware(),
+            "batch_size": batch_size, "train_samples": m["epochs"][-1]["train_samples"],
+            "samples_per_second": m["train_samples_per_second"], "tokens_per_second": m["train_tokens_per_second"],
+            "wall_seconds_incl_ray_startup": m["wall_seconds"]}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["vs-hf", "local", "full", "gpu"])
-    parser.add_argument("--samples", type=int, default=6000)
+    parser.add_argument("--samples", type=int, help="vs-hf: training slice (default 6000); gpu: 0 = all (default)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--model", help="gpu: this model directory instead of a fresh random bert-base")
+    parser.add_argument("--data", default=SST2, help="gpu: SST-2 directory (default: %(default)s)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="gpu: cpu for a smoke run")
     a = parser.parse_args()
-    result = {"vs-hf": lambda: vs_hf(a.samples), "local": local, "full": full, "gpu": lambda: gpu(a.batch_size)}[a.part]()
+    result = {"vs-hf": lambda: vs_hf(a.samples or 6000), "local": local, "full": full,
+              "gpu": lambda: gpu(a.batch_size, a.model, a.data, a.samples or 0, a.device)}[a.part]()
     print(json.dumps(result))
