@@ -101,8 +101,11 @@ class Config:
         _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
         _check(self.num_samples >= 1, "num_samples", self.num_samples, "at least 1")
         _check(0 < self.lr_min <= self.lr_max, "lr_min/lr_max", (self.lr_min, self.lr_max), "0 < lr_min <= lr_max")
-        self.batch_sizes = [int(b) for b in (self.batch_sizes.split(",") if isinstance(self.batch_sizes, str)
-                                               else self.batch_sizes)]
+        try:
+            self.batch_sizes = [int(b) for b in (self.batch_sizes.split(",") if isinstance(self.batch_sizes, str)
+                                                   else self.batch_sizes)]
+        except (TypeError, ValueError):
+            _check(False, "batch_sizes", self.batch_sizes, "comma-separated whole numbers such as 16,32,64")
         _check(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch_sizes", self.batch_sizes,
                "a non-empty list of positive sizes")
         _check(self.scheduler in ("asha", "none"), "scheduler", self.scheduler, "asha or none")

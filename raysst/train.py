@@ -220,9 +220,10 @@ def worker_env(cfg: Config) -> dict:
     return env
 
 
-def train_driver_fn(cfg: Config) -> Path:
+def train_driver_fn(cfg: Config) -> str:
     """Load data, run the trainer (resuming a run of the same name), export the best model."""
     from raysst.data import load_sst2, to_ray_datasets
+    from raysst.evaluate import training_report
     from raysst.export import export_run
     from raysst.runtime import init_ray
     from raysst.tracking import require_mlflow
@@ -234,4 +235,6 @@ def train_driver_fn(cfg: Config) -> Path:
     result = build_trainer(cfg, to_ray_datasets(train, validation), len(train)).fit()
     model_dir = export_run(result, cfg)
     print(f"[raysst] model exported to {model_dir}", flush=True)
+    training_report(model_dir, validation, cfg=cfg)
+    print(f"[raysst] evaluation report in {model_dir}/eval/report.md", flush=True)
     return model_dir

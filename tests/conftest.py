@@ -40,11 +40,14 @@ def sst2_small(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the in-process tests; 4 logical CPUs so 2 workers and Ray Data fit on 2 cores."""
+    """One local Ray for the in-process tests; 4 logical CPUs so 2 workers and Ray Data fit on 2 cores.
+
+    Started by `init_ray`, like the jobs' local Ray, so that Ray Train's placement-group cleaner finds
+    this cluster and not another test's Ray on the same machine."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=True,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    from raysst.runtime import init_ray
+
+    init_ray(num_cpus=4)
     yield ray
     ray.shutdown()

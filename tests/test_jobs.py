@@ -17,8 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 # Jobs run `python` from the head's PATH: make it this interpreter, whatever the caller's PATH.
 # Ray 2.60 starts heads with token auth, but its CLI only sends ~/.ray/auth_token in token mode.
-ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-       "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+# RAY_API_SERVER_ADDRESS (set for the in-process local Ray) would override `--address`: drop it.
+ENV = {k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}
+ENV.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{ENV.get('PATH', '')}",
+           RAY_AUTH_MODE=ENV.get("RAY_AUTH_MODE", "token"))
 
 
 def free_port() -> int:
@@ -77,3 +79,23 @@ def test_submit_train_job(ray_head, tiny_model, sst2_small, tmp_path):
     assert f"model exported to {model_dir}" in out
     assert json.loads((model_dir / "metrics.json").read_text())["epochs"][0]["eval_samples"] == 101
     assert (model_dir / "model.safetensors").exists() and (model_dir / "README.md").exists()
+
+
+@pytest.mark.timeout(600)
+def test_submit_tune_job(ray_head, tiny_model, sst2_small, tmp_path):
+    submit(ray_head, "jobs/tune.py", "--model", tiny_model, "--data", str(sst2_small), "--num-samples", "2",
+           "--epochs", "1", "--batch-sizes", "16", "--max-train-samples", "200", "--workers-per-trial", "1",
+           "--storage-path", str(tmp_path), "--name", "sweep")
+    sweep = tmp_path / "sweep"
+    assert len((sweep / "trials.csv").read_text().strip().splitlines()) == 3  # header + 2 trials
+    assert json.loads((sweep / "best.json").read_text())["accuracy"] > 0
+    assert (sweep / "best_model" / "model.safetensors").exists() and (sweep / "sweep.png").exists()
+
+
+@pytest.mark.timeout(600)
+def test_submit_score_job(ray_head, tiny_model, sst2_small, tmp_path):
+    submit(ray_head, "jobs/score.py", "--model", tiny_model, "--input", str(sst2_small / "validation.parquet"),
+           "--output", str(tmp_path / "scored"))
+    summary = json.loads((tmp_path / "scored" / "_summary.json").read_text())
+    assert summary["rows_in"] == summary["rows_out"] == 101
+    assert (tmp_path / "scored" / "validation.parquet").exists()

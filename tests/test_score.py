@@ -159,7 +159,7 @@ def test_labels_equal_a_direct_forward_pass(scored):
                 labels.append(label)
                 probs.append(p)
     direct = _direct_probs(cfg.model, texts)
-    np.testing.assert_allclose(probs, direct, atol=1e-5)
+    np.testing.assert_allclose(probs, direct, atol=1e-4)  # batches padded differently: float noise only
     assert labels == ["positive" if p > 0.5 else "negative" for p in direct]
     assert {"positive", "negative"} <= set(labels)  # the comparison means something
     out = read_scored(cfg.output)
@@ -202,11 +202,12 @@ def test_missing_text_column_fails_before_the_model_loads(tmp_path, sst2_small):
     pd.DataFrame({"review": ["great"], "idx": [1]}).to_csv(tmp_path / "in" / "r.csv", index=False)
     (tmp_path / "empty_model").mkdir()  # loading this would fail with a transformers error instead
     cfg = Config(model=str(tmp_path / "empty_model"), input=str(tmp_path / "in"), output=str(tmp_path / "out"))
-    with pytest.raises(DataError, match=r"r\.csv: no text column 'sentence' or 'text'; columns are \['review', 'idx'\]"):
+    columns = r"columns are \['review', 'idx'\]"
+    with pytest.raises(DataError, match=r"r\.csv: no text column 'sentence' or 'text'; " + columns):
         score_driver_fn(cfg)
     with pytest.raises(DataError, match=r"r\.csv: no text column 'body'"):
         score_driver_fn(cfg.replace(text_column="body"))
-    with pytest.raises(DataError, match=r"r\.csv: no id column 'id'; columns are \['review', 'idx'\]"):
+    with pytest.raises(DataError, match=r"r\.csv: no id column 'id'; " + columns):
         score_driver_fn(cfg.replace(text_column="review", id_column="id"))
     assert not (tmp_path / "out").exists()
 
@@ -223,6 +224,9 @@ def test_input_forms_and_encodings(tmp_path, sst2_small):
     single = list_input_files(str(tmp_path / "d" / "z.txt"))[0]
     assert [f.rel for f in single] == ["z.txt"] and read_text(single[0]) == ["café"]
     assert decode("naïve".encode("utf-8")) == ("naïve", "utf-8") and decode(b"\x81\xe9")[1] == "latin-1"
+    (tmp_path / "bom.csv").write_bytes("\ufeffsentence,idx\nnaïve,1\n".encode("utf-8"))  # as Excel writes it
+    bom = scan_file(list_input_files(str(tmp_path / "bom.csv"))[0][0])
+    assert bom.text_column == "sentence" and read_text(bom) == ["naïve"]
     assert scan_file(files[1]).num_rows == 3 and part_path(Path("/o"), files[0]) == Path("/o/sub/y.parquet")
     assert part_path(Path("/o"), files[2]) == Path("/o/z.txt.parquet")
     with pytest.raises(FileNotFoundError, match="does not exist"):
