@@ -168,7 +168,7 @@ def test_nodes_share_the_token_of_ray_token_auth(cloud):
 
 # bench/gpu_check.py. Without a GPU only its CPU smoke run can go end to end; it takes the same steps.
 
-def gpu_check(*args: str, timeout: int = 560) -> subprocess.CompletedProcess:
+def gpu_check(*args: str, timeout: int = 880) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -187,7 +187,7 @@ def test_gpu_check_without_a_gpu_says_so():
     assert "no CUDA device is visible" in done.stderr and "--cpu-smoke" in done.stderr
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_gpu_check_cpu_smoke_runs_both_steps():
     done = gpu_check("--cpu-smoke")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
