@@ -24,20 +24,20 @@ PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_STORAGE = "~/raysst-runs"
 
 
-def _f(default: Any, help: str, jobs: Sequence[str] = TRAINING, flag: Optional[dict] = None):
+def _f(default: Any, help: str, jobs: Sequence[str] = TRAINING, flag: Optional[dict] = None, repeat: bool = False):
     kwargs = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(metadata={"help": help, "jobs": tuple(jobs), "flag": flag or {}}, **kwargs)
+    return field(metadata={"help": help, "jobs": tuple(jobs), "flag": flag or {}, "repeat": repeat}, **kwargs)
 
 
 @dataclass
 class Config:
     # What to train on, and where results go.
-    model: str = _f(PACKAGED_MINILM, "Hugging Face checkpoint: Hub name or local directory", ALL)
+    model: str = _f(PACKAGED_MINILM, "Hugging Face checkpoint: Hub name or local directory", (TRAIN, TUNE, SCORE))
     data: str = _f("nyu-mll/glue", "SST-2: a Hub dataset name or a local directory with train/validation splits")
     storage_path: str = _f(DEFAULT_STORAGE, "where runs, checkpoints and models are written (local path or s3://...)")
     name: str = _f("sst2", "run name; rerunning with the same name and storage path resumes")
     # Scale.
-    num_workers: int = _f(1, "training workers (one per GPU), or model actors when scoring", (TRAIN, SCORE),
+    num_workers: int = _f(1, "training workers (one per GPU), or model actors when scoring", (TRAIN, SCORE, EVAL),
                           flag={TUNE: "workers-per-trial"})
     use_gpu: bool = _f(False, "run on GPUs", ALL)
     cpus_per_worker: int = _f(1, "CPUs reserved per worker; on CPU also its torch threads", ALL)
@@ -50,7 +50,7 @@ class Config:
     warmup_ratio: float = _f(0.06, "fraction of optimizer steps spent in linear warmup")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns it off)")
     max_seq_length: int = _f(128, "truncate inputs to this many tokens", ALL)
-    max_train_samples: Optional[int] = _f(None, "train on a random slice of this many examples")
+    max_train_samples: Optional[int] = _f(None, "train on a random slice of this many examples (0: all)")
     group_by_length: bool = _f(True, "batch examples of similar length together to cut padding")
     precision: str = _f("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16 or fp32", ALL)
     seed: int = _f(42, "random seed")
@@ -69,11 +69,15 @@ class Config:
     search: str = _f("random", "random or optuna", (TUNE,))
     max_concurrent_trials: Optional[int] = _f(None, "cap on concurrent trials (default: what the cluster fits)", (TUNE,))
     # Score.
-    input: Optional[str] = _f(None, "file, directory or glob to score", (SCORE,))
+    input: Optional[str] = _f(None, "file, directory or glob to score", (SCORE,), flag={EVAL: "data"})
     output: Optional[str] = _f(None, "output directory", (SCORE, EVAL))
     text_column: Optional[str] = _f(None, "text column (default: `sentence` or `text`)", (SCORE, EVAL))
     id_column: Optional[str] = _f(None, "id column kept as the row key", (SCORE,))
     on_bad_file: str = _f("fail", "fail or skip unreadable files", (SCORE,))
+    # Evaluate.
+    models: list = _f([], "model to evaluate; repeat the flag to compare several side by side (default: `model`)",
+                      (), flag={EVAL: "model"}, repeat=True)
+    label_column: str = _f("label", "gold label column (0/1 or negative/positive)", (EVAL,))
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
@@ -86,8 +90,8 @@ class Config:
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0")
         _check(8 <= self.max_seq_length <= 512, "max_seq_length", self.max_seq_length, "between 8 and 512")
-        _check(self.max_train_samples is None or self.max_train_samples >= 1,
-               "max_train_samples", self.max_train_samples, "at least 1")
+        _check(self.max_train_samples is None or self.max_train_samples >= 0,
+               "max_train_samples", self.max_train_samples, "0 (all) or more")
         _check(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision,
                "one of auto, bf16, fp16, fp32")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "at least 1")
@@ -107,6 +111,11 @@ class Config:
         _check(self.scheduler in ("asha", "none"), "scheduler", self.scheduler, "asha or none")
         _check(self.search in ("random", "optuna"), "search", self.search, "random or optuna")
         _check(self.on_bad_file in ("fail", "skip"), "on_bad_file", self.on_bad_file, "fail or skip")
+        self.models = [str(m) for m in ([self.models] if isinstance(self.models, str) else self.models)]
+        # Each model's report lands in a directory named after it: the same model twice would collide.
+        _check(len(set(self.models)) == len(self.models) and all(self.models), "models", self.models,
+               "distinct, non-empty model names")
+        _check(bool(self.label_column), "label_column", self.label_column, "a column name")
         per_step = self.num_workers * self.grad_accum_steps
         _check(self.batch_size % per_step == 0, "batch_size", self.batch_size,
                f"divisible by num_workers * grad_accum_steps = {per_step}")
@@ -115,6 +124,11 @@ class Config:
     @property
     def per_worker_batch_size(self) -> int:
         return self.batch_size // (self.num_workers * self.grad_accum_steps)
+
+    @property
+    def eval_models(self) -> list:
+        """The models an evaluation compares: `models` if given, else `model` alone."""
+        return list(self.models) or [self.model]
 
     def replace(self, **changes: Any) -> "Config":
         """A validated copy with some fields changed."""
@@ -165,8 +179,12 @@ def build_parser(job: str, description: str = "") -> argparse.ArgumentParser:
         kind = _field_type(f)
         kwargs: dict = {"dest": f.name, "default": None, "help": f"{f.metadata['help']} (default: {f.default!r})"
                         if f.default is not dataclasses.MISSING else f.metadata["help"]}
+        if kind is not bool:
+            kwargs["metavar"] = flag[2:].upper().replace("-", "_")  # `--data DATA`, not the field's `--data INPUT`
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif kind is list and f.metadata["repeat"]:
+            parser.add_argument(flag, action="append", type=str, **kwargs)
         elif kind is list:
             parser.add_argument(flag, type=str, **kwargs)  # comma-separated, parsed by Config
         else:

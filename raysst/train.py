@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 import uuid
@@ -28,7 +27,8 @@ def train_fn_per_worker(config: dict) -> None:
     from transformers import get_linear_schedule_with_warmup
 
     from raysst.data import length_grouped_batches
-    from raysst.models import count_parameters, device_dtype, load_classifier, load_tokenizer
+    from raysst.models import count_parameters, device_dtype, fetch_once_per_node, load_classifier, load_tokenizer
+    from raysst.tracking import Tracker
 
     run_id, n_train = config.pop("run_id"), config.pop("n_train")
     cfg = Config(**config)
@@ -39,12 +39,13 @@ def train_fn_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed + rank)
 
     # Resume: the checkpoint holds the weights in Hugging Face form plus optimizer state.
+    model_path = fetch_once_per_node(cfg.model, ctx.get_local_rank())
     checkpoint, state = ray.train.get_checkpoint(), None
     with (checkpoint.as_directory() if checkpoint else nullcontext()) as ckpt_dir:
-        model = load_classifier(ckpt_dir or cfg.model)
+        model = load_classifier(ckpt_dir or model_path)
         if ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(model_path)
     n_params = count_parameters(model)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
@@ -73,6 +74,7 @@ def train_fn_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[raysst] resuming from the checkpoint of epoch {state['epoch']}", flush=True)
 
+    tracker = Tracker(cfg, enabled=rank == 0)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     pool = cfg.per_worker_batch_size * (64 if cfg.group_by_length else 1)
@@ -111,6 +113,8 @@ def train_fn_per_worker(config: dict) -> None:
                 step += 1
                 if rank == 0 and step % cfg.log_every == 0:
                     rate = seen[0].item() * world / (time.perf_counter() - t0)
+                    tracker.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "samples_per_second": rate},
+                                (epoch - 1) * steps_per_epoch + step, "train/")
                     print(f"[raysst] epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f} "
                           f"lr {scheduler.get_last_lr()[0]:.2e} samples/s {rate:.1f}", flush=True)
         train_time = time.perf_counter() - t0
@@ -128,9 +132,11 @@ def train_fn_per_worker(config: dict) -> None:
             "start_epoch": start_epoch, "run_id": run_id,
         })
         if rank == 0:
+            tracker.log(history[-1], epoch * steps_per_epoch, "epoch/")
             print(f"[raysst] epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items()
                                                         if isinstance(v, float)), flush=True)
         _report(history, epoch, model, tokenizer, optimizer, scheduler, scaler, rank)
+    tracker.close()
 
 
 @torch.inference_mode()
@@ -207,22 +213,28 @@ def worker_env(cfg: Config) -> dict:
     from raysst.models import model_is_local
     from raysst.runtime import QUIET_ENV
 
-    env = {**QUIET_ENV, "OMP_NUM_THREADS": str(cfg.cpus_per_worker)}
+    # Train's print patch echoes every line twice in `ray job logs`; plain print is enough here.
+    env = {**QUIET_ENV, "OMP_NUM_THREADS": str(cfg.cpus_per_worker), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if model_is_local(cfg.model):
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env
 
 
-def train_driver_fn(cfg: Config) -> Path:
+def train_driver_fn(cfg: Config) -> str:
     """Load data, run the trainer (resuming a run of the same name), export the best model."""
     from raysst.data import load_sst2, to_ray_datasets
+    from raysst.evaluate import training_report
     from raysst.export import export_run
     from raysst.runtime import init_ray
+    from raysst.tracking import require_mlflow
 
+    require_mlflow(cfg)
     init_ray()
     train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
     print(f"[raysst] data: {len(train)} train, {len(validation)} validation rows from {cfg.data}", flush=True)
     result = build_trainer(cfg, to_ray_datasets(train, validation), len(train)).fit()
     model_dir = export_run(result, cfg)
     print(f"[raysst] model exported to {model_dir}", flush=True)
+    training_report(model_dir, validation, cfg=cfg)
+    print(f"[raysst] evaluation report in {model_dir}/eval/report.md", flush=True)
     return model_dir

@@ -1,0 +1,44 @@
+# Two commands on a fresh machine:  `make run` (set up, then train locally through a Ray head and
+# `ray job submit`) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(abspath $(VENV))/bin
+# The CPU build of torch; on a GPU machine use `make setup TORCH=torch` (PyPI's CUDA build).
+TORCH  ?= torch==2.13.0
+# SST-2 from ../shared when a local copy is there, else from the Hugging Face Hub.
+DATA   ?= $(if $(wildcard ../shared/data/sst2/train.parquet),$(abspath ../shared/data/sst2),nyu-mll/glue)
+RUNS   ?= $(abspath runs)
+ARGS   ?=
+export PATH := $(BIN):$(PATH)
+# Ray 2.60 starts heads with token auth; its CLI sends ~/.ray/auth_token only in token mode.
+export RAY_AUTH_MODE ?= token
+
+.PHONY: setup run train-local test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev,offline]"
+	touch $@
+
+# A local Ray head, the training job submitted to it, then the head stopped again.
+run: setup
+	ray start --head --num-cpus=2 --include-dashboard=true --dashboard-host=127.0.0.1 --disable-usage-stats
+	ray job submit --working-dir . -- python jobs/train.py --config configs/local.yaml \
+		--data "$(DATA)" --storage-path "$(RUNS)" $(ARGS); status=$$?; ray stop; exit $$status
+
+# The same job without a Ray head: `python jobs/train.py` starts a local Ray itself.
+train-local: setup
+	python jobs/train.py --config configs/local.yaml --data "$(DATA)" --storage-path "$(RUNS)" $(ARGS)
+
+test: setup
+	python -m pytest -q
+
+lint: setup
+	ruff check raysst jobs tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

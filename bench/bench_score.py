@@ -1,0 +1,223 @@
+"""Benchmarks for batch scoring (not run by the tests; each prints its figures).
+
+    python bench/bench_score.py speed   # MiniLM classifier: the job vs transformers.pipeline(batch_size=32)
+    python bench/bench_score.py scale   # tiny model: rows/s and peak memory as the corpus grows 10x
+    python bench/bench_score.py gpu     # bert-base-shaped model, bf16, on the GPUs of this machine
+
+The job's rows/s include starting its actors and loading the model (not starting Ray); the pipeline's
+include only inference. Both run in the same process, one after the other, `--repeats` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from raysst.config import PACKAGED_MINILM, Config  # noqa: E402
+from raysst.score import read_scored, score_driver_fn  # noqa: E402
+
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+
+
+def sst2_sentences(n: int, seed: int = 0) -> list[str]:
+    """All validation sentences, then a seeded sample of train phrases, repeated if n asks for more."""
+    val = pd.read_parquet(SST2 / "validation.parquet").sentence.tolist()
+    train = pd.read_parquet(SST2 / "train.parquet").sentence.sample(frac=1.0, random_state=seed).tolist()
+    pool = val + train
+    return (pool * (n // len(pool) + 1))[:n]
+
+
+def write_corpus(texts: list[str], directory: Path, rows_per_file: int) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, len(texts), rows_per_file)):
+        chunk = texts[start:start + rows_per_file]
+        pd.DataFrame({"sentence": chunk, "idx": np.arange(start, start + len(chunk))}).to_parquet(
+            directory / f"part-{i:04d}.parquet")
+    return str(directory)
+
+
+def minilm_classifier(directory: Path) -> str:
+    """The packaged MiniLM with a seeded random 2-label head, saved so both contenders load the same weights."""
+    import torch
+
+    from raysst.models import load_classifier, load_tokenizer
+
+    torch.manual_seed(0)
+    load_classifier(PACKAGED_MINILM).save_pretrained(directory)
+    load_tokenizer(PACKAGED_MINILM).save_pretrained(directory)
+    return str(directory)
+
+
+class ProcessTree:
+    """Samples this process and its descendants (a local Ray's workers) in a thread: peak RSS, CPU seconds.
+
+    CPU seconds do not depend on what else the machine runs as much as rows/s do; processes that exit
+    between samples (e.g. an actor at the end) lose at most one sampling interval.
+    """
+
+    def __init__(self, every_s: float = 0.25):
+        import psutil
+
+        self.me, self.every_s, self.peak_total, self.peak_driver = psutil.Process(), every_s, 0, 0
+        self._cpu: dict = {}
+        self._start = self._cpu_now()
+        self._stop = threading.Event()
+
+    def _cpu_now(self) -> dict:
+        import psutil
+
+        seen = {}
+        for proc in [self.me, *self.me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                seen[(proc.pid, proc.create_time())] = (t.user + t.system, proc.memory_info().rss)
+            except psutil.Error:
+                pass
+        return seen
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            now = self._cpu_now()
+            self._cpu.update(now)
+            self.peak_total = max(self.peak_total, sum(rss for _, rss in now.values()))
+            self.peak_driver = max(self.peak_driver, self.me.memory_info().rss)
+            self._stop.wait(self.every_s)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(cpu - self._start.get(key, (0.0, 0))[0] for key, (cpu, _) in self._cpu.items())
+
+    def __enter__(self) -> "ProcessTree":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._cpu.update(self._cpu_now())
+
+
+def run_job(cfg: Config, output: Path) -> dict:
+    t0 = time.perf_counter()
+    summary = score_driver_fn(cfg.replace(output=str(output)))
+    summary["measured_seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def load() -> str:
+    return "load average %.1f %.1f %.1f" % os.getloadavg()
+
+
+def bench_speed(args, work: Path) -> None:
+    import torch
+    from transformers import pipeline
+
+    texts = sst2_sentences(args.rows)
+    model = minilm_classifier(work / "minilm")
+    corpus = write_corpus(texts, work / "speed_in", rows_per_file=args.rows_per_file)
+    cfg = Config(model=model, input=corpus, output=str(work / "unused"), num_workers=args.num_workers,
+                 cpus_per_worker=args.cpus_per_worker, eval_batch_size=args.batch_size)
+    print(f"speed: {len(texts):,} SST-2 sentences (mean {np.mean([len(t.split()) for t in texts]):.1f} words), "
+          f"{os.cpu_count()} CPUs; job: {cfg.num_workers} actor(s) x {cfg.cpus_per_worker} threads, "
+          f"batch {cfg.eval_batch_size}; {load()}", flush=True)
+    torch.set_num_threads(os.cpu_count())
+    pipe_rates, job_rates, cpu_ratios = [], [], []
+    for rep in range(args.repeats):
+        clf = pipeline("text-classification", model=model, batch_size=32, device="cpu")
+        with ProcessTree() as pipe_cpu:
+            t0 = time.perf_counter()
+            pipe_labels = [r["label"] for r in clf(texts)]
+            pipe_rates.append(len(texts) / (time.perf_counter() - t0))
+        del clf
+        with ProcessTree() as job_cpu:
+            summary = run_job(cfg, work / f"speed_out_{rep}")
+        job_rates.append(summary["rows_per_second"])
+        cpu_ratios.append(pipe_cpu.cpu_seconds / job_cpu.cpu_seconds)
+        agree = np.mean(read_scored(str(work / f"speed_out_{rep}")).label.to_numpy() == np.array(pipe_labels))
+        print(f"  run {rep + 1}: pipeline {pipe_rates[-1]:,.0f} rows/s ({pipe_cpu.cpu_seconds:.0f} CPU s) | job "
+              f"{job_rates[-1]:,.0f} rows/s (wall {summary['wall_seconds']:.1f} s incl. actor start and model load; "
+              f"{job_cpu.cpu_seconds:.0f} CPU s, all Ray processes) | ratio {job_rates[-1] / pipe_rates[-1]:.2f}x | "
+              f"labels agree {agree:.2%} | {load()}", flush=True)
+    ratio = statistics.median(j / p for j, p in zip(job_rates, pipe_rates))
+    print(f"speed: median pipeline {statistics.median(pipe_rates):,.0f} rows/s, median job "
+          f"{statistics.median(job_rates):,.0f} rows/s, median ratio {ratio:.2f}x (target >= 2x); "
+          f"CPU seconds pipeline/job {statistics.median(cpu_ratios):.2f}x", flush=True)
+
+
+def bench_scale(args, work: Path) -> None:
+    from raysst.models import make_random_model
+
+    model = make_random_model(str(work / "tiny"), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=128)
+    cfg = Config(model=model, input="unused", output="unused", num_workers=args.num_workers,
+                 cpus_per_worker=args.cpus_per_worker, eval_batch_size=args.batch_size)
+    print(f"scale: tiny BERT, {args.scale_rows:,} then {args.scale_rows * 10:,} rows in files of "
+          f"{args.rows_per_file:,}; {load()}", flush=True)
+    for n in (args.scale_rows, args.scale_rows * 10):
+        corpus = write_corpus(sst2_sentences(n), work / f"scale_in_{n}", rows_per_file=args.rows_per_file)
+        with ProcessTree() as mem:
+            summary = run_job(cfg.replace(input=corpus), work / f"scale_out_{n}")
+        print(f"  {n:>9,} rows, {summary['files_read']:>3} files: {summary['rows_per_second']:>8,.0f} rows/s, "
+              f"wall {summary['wall_seconds']:.1f} s, peak RSS driver+Ray workers {mem.peak_total / 2**30:.2f} GiB "
+              f"(driver {mem.peak_driver / 2**30:.2f} GiB); {load()}", flush=True)
+
+
+def bench_gpu(args, work: Path) -> None:
+    import torch
+
+    from raysst.models import make_random_model
+
+    gpus = torch.cuda.device_count()
+    if not gpus:
+        raise SystemExit("gpu: no CUDA device on this machine")
+    model = make_random_model(str(work / "bert_base"))  # bert-base-uncased's shape, random weights
+    corpus = write_corpus(sst2_sentences(args.gpu_rows), work / "gpu_in", rows_per_file=args.rows_per_file)
+    cfg = Config(model=model, input=corpus, output="unused", num_workers=gpus, use_gpu=True, precision="bf16",
+                 eval_batch_size=args.gpu_batch_size, cpus_per_worker=1)
+    for rep in range(args.repeats):
+        summary = run_job(cfg, work / f"gpu_out_{rep}")
+        print(f"gpu: {summary['rows_scored_this_run']:,} rows on {summary['hardware']['driver']}, bf16, batch "
+              f"{cfg.eval_batch_size}: {summary['rows_per_second']:,.0f} rows/s (wall {summary['wall_seconds']:.1f} s "
+              "incl. actor start and model load; target >= 20,000)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*", default=["speed", "scale"], choices=["speed", "scale", "gpu"])
+    parser.add_argument("--rows", type=int, default=20_000, help="speed: sentences scored")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=os.cpu_count(), help="model actors (default: one per core)")
+    parser.add_argument("--cpus-per-worker", type=int, default=1, help="torch threads per actor")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rows-per-file", type=int, default=10_000)
+    parser.add_argument("--scale-rows", type=int, default=20_000, help="scale: the small corpus; the large is 10x")
+    parser.add_argument("--gpu-rows", type=int, default=500_000)
+    parser.add_argument("--gpu-batch-size", type=int, default=512)
+    parser.add_argument("--workdir", help="keep corpora and outputs here (default: a temporary directory)")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_ADDRESS", "local")  # a Ray of its own, even where other clusters run
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from raysst.runtime import init_ray
+
+    init_ray()  # started before any timing: a cluster is already up when a real job is submitted
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        for part in args.parts:
+            {"speed": bench_speed, "scale": bench_scale, "gpu": bench_gpu}[part](args, work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Training benchmarks (not run in CI). Each part prints its figures as one JSON line.
+
+    python bench/bench_train.py vs-hf  [--samples 6000]   # our trainer vs the HF Trainer, same run
+    python bench/bench_train.py local                     # configs/local.yaml: wall time, accuracy
+    python bench/bench_train.py full                      # MiniLM, full SST-2, 1 epoch: accuracy, samples/s
+    python bench/bench_train.py gpu   [--batch-size 128]  # bert-base-shaped model, bf16, one GPU: samples/s
+        [--model DIR] [--data DIR] [--samples N] [--device cpu]  # (bench/gpu_check.py passes these)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from raysst.config import PACKAGED_MINILM, load_config  # noqa: E402
+from raysst.data import load_sst2  # noqa: E402
+
+SST2 = str((ROOT.parent / "shared" / "data" / "sst2").resolve())
+
+
+def run_ours(storage: str, **overrides) -> dict:
+    """One job through the project's own driver; returns its metrics.json plus the wall time."""
+    from raysst.train import train_driver_fn
+
+    cfg = load_config(str(ROOT / "configs" / "local.yaml"), **{"data": SST2, "storage_path": storage, **overrides})
+    start = time.perf_counter()
+    model_dir = train_driver_fn(cfg)
+    metrics = json.loads((Path(model_dir) / "metrics.json").read_text())
+    return {**metrics, "wall_seconds": time.perf_counter() - start}
+
+
+def run_hf_trainer(samples: int, strategy: str = "random", threads: int = 2, lr: float = 1e-4) -> dict:
+    """The baseline a user would pick: transformers.Trainer, dynamic padding, same model, batch, threads."""
+    import datasets
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from raysst.models import load_classifier, load_tokenizer
+
+    torch.set_num_threads(threads)
+    train, validation = load_sst2(SST2, samples, seed=42)
+    tok = load_tokenizer(PACKAGED_MINILM)
+
+    def encode(df):
+        ds = datasets.Dataset.from_pandas(df.rename(columns={"label": "labels"}))
+        return ds.map(lambda b: tok(b["sentence"], truncation=True, max_length=128), batched=True,
+                      remove_columns=["sentence"])
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=32, per_device_eval_batch_size=128,
+                                 num_train_epochs=1, learning_rate=lr, warmup_ratio=0.06, weight_decay=0.01,
+                                 lr_scheduler_type="linear", use_cpu=True, report_to=[], save_strategy="no",
+                                 logging_steps=10_000, seed=42, train_sampling_strategy=strategy,
+                                 dataloader_num_workers=0)
+        trainer = Trainer(model=load_classifier(PACKAGED_MINILM), args=args, train_dataset=encode(train),
+                          eval_dataset=encode(validation), data_collator=DataCollatorWithPadding(tok),
+                          compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
+        start = time.perf_counter()
+        stats = trainer.train().metrics
+        wall = time.perf_counter() - start
+        accuracy = trainer.evaluate()["eval_accuracy"]
+    return {"train_samples_per_second": stats["train_samples_per_second"], "wall_seconds": wall,
+            "accuracy": accuracy}
+
+
+def vs_hf(samples: int) -> dict:
+    """Same slice, model, batch 32, lr, 2 threads: our Ray trainer, then HF Trainer (random and grouped)."""
+    with tempfile.TemporaryDirectory() as storage:
+        ours = run_ours(storage, max_train_samples=samples, name="vs-hf")
+    hf = run_hf_trainer(samples)
+    hf_grouped = run_hf_trainer(samples, strategy="group_by_length")
+    ours_sps = ours["train_samples_per_second"]
+    return {"bench": "train vs HF Trainer", "samples": samples, "model": "all-MiniLM-L6-v2", "threads": 2,
+            "raysst_samples_per_second": ours_sps, "raysst_accuracy": ours["accuracy"],
+            "raysst_wall_seconds_incl_ray_startup": ours["wall_seconds"],
+            "hf_trainer_samples_per_second": hf["train_samples_per_second"], "hf_trainer_accuracy": hf["accuracy"],
+            "hf_trainer_grouped_samples_per_second": hf_grouped["train_samples_per_second"],
+            "speedup_vs_hf_trainer": ours_sps / hf["train_samples_per_second"],
+            "speedup_vs_hf_trainer_grouped": ours_sps / hf_grouped["train_samples_per_second"]}
+
+
+def local() -> dict:
+    with tempfile.TemporaryDirectory() as storage:
+        m = run_ours(storage)
+    return {"bench": "configs/local.yaml", "wall_seconds": m["wall_seconds"], "accuracy": m["accuracy"],
+            "train_samples": m["epochs"][-1]["train_samples"], "samples_per_second": m["train_samples_per_second"]}
+
+
+def full() -> dict:
+    with tempfile.TemporaryDirectory() as storage:
+        m = run_ours(storage, max_train_samples=0, name="full")
+    return {"bench": "MiniLM, full SST-2, 1 epoch", "wall_seconds": m["wall_seconds"], "accuracy": m["accuracy"],
+            "eval_loss": m["eval_loss"], "samples_per_second": m["train_samples_per_second"],
+            "tokens_per_second": m["train_tokens_per_second"]}
+
+
+def gpu(batch_size: int, model: Optional[str] = None, data: str = SST2, samples: int = 0, device: str = "cuda") -> dict:
+    """The project's trainer on one GPU: bert-base-shaped random weights (the Hub is out of reach), bf16,
+    full SST-2 (or `samples` of it) for one epoch. Speed is real; accuracy is not (random weights).
+
+    `model` replaces the fresh bert-base; `device="cpu"` runs the same path in fp32 on one CPU, which is
+    how bench/gpu_check.py's smoke test keeps this code alive without a GPU."""
+    import torch
+
+    from raysst.models import hardware, make_random_model
+
+    on_gpu = device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("bench_train.py gpu: no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    with tempfile.TemporaryDirectory() as d:
+        model = model or make_random_model(str(Path(d) / "bert-base-random"))
+        m = run_ours(d, model=model, data=data, max_train_samples=samples, use_gpu=on_gpu,
+                     precision="bf16" if on_gpu else "fp32", cpus_per_worker=4 if on_gpu else 1,
+                     batch_size=batch_size, eval_batch_size=512, name="gpu", log_every=100)
+    return {"bench": f"bert-base-shaped {'bf16' if on_gpu else 'fp32'} training, 1 {device.upper()} worker, "
+                     "raysst trainer", "gpu": torch.cuda.get_device_name(0) if on_gpu else hardware(),
+            "batch_size": batch_size, "train_samples": m["epochs"][-1]["train_samples"],
+            "samples_per_second": m["train_samples_per_second"], "tokens_per_second": m["train_tokens_per_second"],
+            "wall_seconds_incl_ray_startup": m["wall_seconds"]}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["vs-hf", "local", "full", "gpu"])
+    parser.add_argument("--samples", type=int, help="vs-hf: training slice (default 6000); gpu: 0 = all (default)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--model", help="gpu: this model directory instead of a fresh random bert-base")
+    parser.add_argument("--data", default=SST2, help="gpu: SST-2 directory (default: %(default)s)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="gpu: cpu for a smoke run")
+    a = parser.parse_args()
+    result = {"vs-hf": lambda: vs_hf(a.samples or 6000), "local": local, "full": full,
+              "gpu": lambda: gpu(a.batch_size, a.model, a.data, a.samples or 0, a.device)}[a.part]()
+    print(json.dumps(result))

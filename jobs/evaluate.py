@@ -1,0 +1,16 @@
+"""Evaluate sentiment models on labeled data: metrics, calibration, mistakes, plots and report.md.
+
+    python jobs/evaluate.py --model runs/sst2/model --data ../shared/data/sst2/validation.parquet --output eval/
+    python jobs/evaluate.py --model NEW --model PREVIOUS --data DIR --output eval/   # side-by-side comparison
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir of `ray job submit`
+
+from raysst.config import EVAL, parse_config  # noqa: E402
+from raysst.evaluate import evaluate_driver_fn  # noqa: E402
+
+if __name__ == "__main__":
+    evaluate_driver_fn(parse_config(EVAL, description=__doc__))

@@ -1,0 +1,217 @@
+"""cluster.yaml and cluster-gcp.yaml through Ray's own cluster-config validation, the checks that matter for
+raysst on top of it, and bench/gpu_check.py's CPU smoke run (the GPU check itself needs a GPU)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTERS = {"aws": ROOT / "cluster.yaml", "gcp": ROOT / "cluster-gcp.yaml"}
+INSTANCE_KEY = {"aws": "InstanceType", "gcp": "machineType"}
+A100_NODE = {"aws": "p4d.24xlarge", "gcp": "a2-highgpu-8g"}
+CLUSTER_CONFIG = ROOT / "configs" / "bert-base-a100.yaml"
+
+
+def load(cloud: str) -> dict:
+    return yaml.safe_load(CLUSTERS[cloud].read_text())
+
+
+def ray_validated(config: dict) -> dict:
+    """What `ray up` does with a config before it contacts the cloud (ray.autoscaler._private.commands.
+    _bootstrap_config): merge the provider's defaults, then validate against ray-schema.json and the
+    cross-field rules. The provider's own bootstrap that follows needs cloud credentials."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def node_types(config: dict) -> tuple[dict, dict]:
+    """The head node type and the one worker type."""
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    (worker,) = [t for name, t in types.items() if name != config["head_node_type"]]
+    return head, worker
+
+
+@pytest.mark.parametrize("cloud", CLUSTERS)
+def test_ray_validator_accepts_the_cluster_config(cloud):
+    prepared = ray_validated(load(cloud))
+    assert prepared["provider"]["type"] == cloud
+    # The merge kept our commands: the worker gets the common setup, the head also its autoscaler client.
+    assert prepared["worker_setup_commands"] == load(cloud)["setup_commands"]
+    assert prepared["head_setup_commands"][:-1] == load(cloud)["setup_commands"]
+
+
+def _typo_in_node_type(c):
+    c["available_node_types"][c["head_node_type"]]["min_worker"] = 0
+
+
+def _gpu_count_as_text(c):
+    node_types(c)[1]["resources"]["GPU"] = "8"
+
+
+def _unknown_head_type(c):
+    c["head_node_type"] = "ray.head.missing"
+
+
+def _min_over_max(c):
+    node_types(c)[1]["min_workers"] = c["max_workers"] + 1
+
+
+@pytest.mark.parametrize("break_it", [_typo_in_node_type, _gpu_count_as_text, _unknown_head_type, _min_over_max])
+def test_ray_validator_rejects_a_broken_config(break_it):
+    """The validator is strict, so its passing the real configs means something."""
+    import jsonschema
+
+    config = load("aws")
+    break_it(config)
+    with pytest.raises((jsonschema.ValidationError, ValueError)):
+        ray_validated(config)
+
+
+@pytest.mark.parametrize("cloud", CLUSTERS)
+def test_training_lands_on_the_a100_workers_only(cloud):
+    from raysst.config import load_config
+
+    head, worker = node_types(load(cloud))
+    assert head["resources"]["GPU"] == 0 and head["resources"]["CPU"] > 0
+    assert head.get("max_workers", 0) == 0
+    assert worker["node_config"][INSTANCE_KEY[cloud]] == A100_NODE[cloud]
+    assert worker["resources"]["GPU"] == 8
+    assert 0 <= worker["min_workers"] <= worker["max_workers"] and worker["max_workers"] >= 1
+    # configs/bert-base-a100.yaml's workers ({CPU: cpus_per_worker, GPU: 1} each) all fit on one A100 node.
+    cfg = load_config(str(CLUSTER_CONFIG))
+    assert cfg.use_gpu and cfg.num_workers <= worker["resources"]["GPU"]
+    assert cfg.num_workers * cfg.cpus_per_worker <= worker["resources"]["CPU"]
+
+
+def test_both_clouds_run_the_same_setup_and_start_commands():
+    aws, gcp = load("aws"), load("gcp")
+    for key in ("setup_commands", "file_mounts", "head_start_ray_commands", "worker_start_ray_commands"):
+        assert aws[key] == gcp[key], key
+
+
+@pytest.mark.parametrize("cloud", CLUSTERS)
+def test_every_command_is_valid_shell(cloud):
+    """YAML eats an unquoted ' #...' as a comment: what reaches bash must still parse."""
+    config = load(cloud)
+    for key in ("setup_commands", "head_setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        for cmd in config[key]:
+            done = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
+            assert done.returncode == 0, f"{key}: {cmd!r}: {done.stderr}"
+
+
+def test_setup_installs_the_dependencies_of_pyproject(tmp_path):
+    """Build exactly what the setup command pip-installs, from exactly the files it mounts: a wheel that
+    holds raysst's dependencies (torch, Ray with train/tune/data, ...) and none of its code."""
+    import ray
+
+    config = load("aws")
+    mounts = {remote: local for remote, local in config["file_mounts"].items() if remote.startswith("~/raysst-deps/")}
+    assert set(Path(r).name for r in mounts) == {"pyproject.toml", "README.md"}
+    for remote, local in mounts.items():  # local paths are relative to the repository root, where `ray up` runs
+        shutil.copy(ROOT / local, tmp_path / Path(remote).name)
+    (install,) = [c for c in config["setup_commands"] if "raysst-deps" in c]
+    extras = re.search(r'"\$HOME/raysst-deps\[([\w,]+)\]"', install).group(1)
+    pin = re.search(r'"ray\[([\w,]+)\]==([\d.]+)"', install)
+    assert set(pin.group(1).split(",")) >= {"default", "train", "tune", "data"}
+    assert pin.group(2) == ray.__version__, "the cluster's Ray must be the version of the CLI that submits to it"
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "dist"), f"{tmp_path}[{extras}]"], check=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("raysst-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert not [n for n in z.namelist() if n.endswith(".py")], "the code comes with each job, not with setup"
+        metadata = z.read(next(n for n in z.namelist() if n.endswith("dist-info/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    base = [r for r in requires if "extra ==" not in r]
+    assert any(r.startswith("torch") for r in base)
+    ray_req = next(r for r in base if r.startswith("ray["))
+    assert {"train", "tune", "data"} <= set(ray_req[4:ray_req.index("]")].split(","))
+    for extra in extras.split(","):
+        assert any(f'extra == "{extra}"' in r for r in requires), f"pyproject has no extra {extra!r}"
+
+
+def test_outputs_go_to_shared_storage_that_the_workers_can_write():
+    from raysst.config import load_config
+
+    assert load_config(str(CLUSTER_CONFIG)).storage_path.startswith("s3://")
+    assert "s3://YOUR-BUCKET/raysst" in CLUSTERS["aws"].read_text()  # the comment that says where it goes
+    # Ray gives the head an instance profile / service account; the workers write checkpoints themselves.
+    aws_worker = node_types(load("aws"))[1]["node_config"]
+    assert aws_worker["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
+    (account,) = node_types(load("gcp"))[1]["node_config"]["serviceAccounts"]
+    assert "https://www.googleapis.com/auth/cloud-platform" in account["scopes"]
+
+
+@pytest.mark.parametrize("cloud", CLUSTERS)
+def test_nodes_share_the_token_of_ray_token_auth(cloud):
+    config = load(cloud)
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert any("RAY_AUTH_MODE=token ray start" in c for c in config[key]), key
+
+
+# bench/gpu_check.py. Without a GPU only its CPU smoke run can go end to end; it takes the same steps.
+
+def gpu_check(*args: str, timeout: int = 560) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def steps(done: subprocess.CompletedProcess) -> dict:
+    return {s["step"]: s for s in json.loads(done.stdout.strip().splitlines()[-1])["gpu_check"]}
+
+
+def test_gpu_check_without_a_gpu_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = gpu_check(timeout=120)
+    assert done.returncode == 2
+    assert "no CUDA device is visible" in done.stderr and "--cpu-smoke" in done.stderr
+
+
+@pytest.mark.timeout(600)
+def test_gpu_check_cpu_smoke_runs_both_steps():
+    done = gpu_check("--cpu-smoke")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = steps(done)
+    assert all(s["ok"] for s in result.values())
+    train, score = result["train"]["result"], result["score"]["result"]
+    assert train["train_samples"] == 64 and train["samples_per_second"] > 0
+    assert score["rows"] == 300 and score["status_counts"]["ok"] == 300 and score["rows_per_second"] > 0
+    assert re.search(r"^train +[\d,]+ samples/s", done.stdout, re.M)
+    assert re.search(r"^score +[\d,]+ rows/s \(300 rows, float32, batch 32\)", done.stdout, re.M)
+
+
+@pytest.mark.timeout(600)
+def test_gpu_check_reports_the_other_step_when_one_fails(tmp_path):
+    """Training fails on a bad validation label; scoring (which reads only train sentences) still reports."""
+    sst2 = ROOT.parent / "shared" / "data" / "sst2"
+    pd.read_parquet(sst2 / "train.parquet").head(100).to_parquet(tmp_path / "train.parquet")
+    validation = pd.read_parquet(sst2 / "validation.parquet").head(20)
+    validation["label"] = validation["label"].map({0: "negative", 1: "positive"})
+    validation.loc[3, "label"] = "maybe"
+    validation.to_parquet(tmp_path / "validation.parquet")
+    done = gpu_check("--cpu-smoke", "--data", str(tmp_path))
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    result = steps(done)
+    assert not result["train"]["ok"] and "exit status" in result["train"]["error"]
+    assert "validation.parquet" in done.stderr and "maybe" in done.stderr  # the trainer's own error, passed on
+    assert result["score"]["ok"] and result["score"]["result"]["rows"] == 300
+    assert re.search(r"^train +FAILED: exit status", done.stdout, re.M)

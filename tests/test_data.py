@@ -1,0 +1,117 @@
+"""Data formats, bad inputs and the config: no Ray needed."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from raysst.config import TRAIN, SCORE, TUNE, Config, build_parser, load_config, parse_config
+from raysst.data import DataError, length_grouped_batches, load_split, load_sst2
+from raysst.models import load_tokenizer
+
+ROWS = pd.DataFrame({"sentence": ["a fine film", "dull and long", "great", "bad"], "label": [1, 0, 1, 0]})
+
+
+def write(df: pd.DataFrame, path, fmt: str) -> None:
+    if fmt == "parquet":
+        df.to_parquet(path)
+    elif fmt == "tsv":
+        df.to_csv(path, sep="\t", index=False)
+    elif fmt == "csv":
+        df.to_csv(path, index=False)
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in df.to_dict("records")))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "tsv", "csv", "jsonl"])
+def test_each_format_loads(tmp_path, fmt):
+    write(ROWS, tmp_path / f"train.{fmt}", fmt)
+    write(ROWS.rename(columns={"sentence": "text"}), tmp_path / f"validation.{fmt}", fmt)
+    train, validation = load_sst2(str(tmp_path))
+    assert train.to_dict("list") == ROWS.to_dict("list")
+    assert validation.to_dict("list") == ROWS.to_dict("list")
+
+
+def test_glue_dev_tsv_and_string_labels(tmp_path):
+    write(ROWS, tmp_path / "train.tsv", "tsv")
+    write(ROWS.assign(label=["positive", "negative", "positive", "negative"]), tmp_path / "dev.tsv", "tsv")
+    assert load_split(str(tmp_path), "validation")["label"].tolist() == [1, 0, 1, 0]
+
+
+def test_real_sst2_and_seeded_slice():
+    train, validation = load_sst2("../shared/data/sst2", max_train_samples=500, seed=1)
+    assert len(train) == 500 and len(validation) == 872
+    again, _ = load_sst2("../shared/data/sst2", max_train_samples=500, seed=1)
+    assert train.equals(again)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda df: df.drop(columns="label"), "no label column 'label'"),
+    (lambda df: df.rename(columns={"sentence": "review"}), "no text column 'sentence' or 'text'"),
+    (lambda df: df.assign(label=[0, 1, 2, 1]), "found ['2']"),
+    (lambda df: df.assign(label=[0, 1, None, 1]), "1 missing labels"),
+    (lambda df: df.assign(sentence=["ok", None, "x", "y"]), "1 null values"),
+    (lambda df: df.assign(sentence=["ok", "  ", "x", "y"]), "1 empty sentences"),
+    (lambda df: df.iloc[:0], "has no rows"),
+])
+def test_bad_input_names_file_and_column(tmp_path, change, message):
+    write(ROWS, tmp_path / "validation.parquet", "parquet")
+    write(change(ROWS), tmp_path / "train.parquet", "parquet")
+    with pytest.raises(DataError) as err:
+        load_split(str(tmp_path), "train")
+    assert str(tmp_path / "train.parquet") in str(err.value) and message in str(err.value)
+
+
+def test_missing_split_lists_what_is_there(tmp_path):
+    write(ROWS, tmp_path / "train.parquet", "parquet")
+    with pytest.raises(DataError, match=r"no validation split.*found \['train.parquet'\]"):
+        load_sst2(str(tmp_path))
+
+
+def test_corrupt_file_and_missing_directory(tmp_path):
+    (tmp_path / "train.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="train.parquet: could not be read as parquet"):
+        load_split(str(tmp_path), "train")
+    with pytest.raises(DataError, match="not a directory"):
+        load_split(str(tmp_path / "nope"), "train")
+
+
+def test_length_grouped_batches_cover_every_example_once(tiny_model):
+    import numpy as np
+
+    tok = load_tokenizer(tiny_model)
+    texts = [" ".join(["word"] * n) for n in range(1, 41)]
+    batches = list(length_grouped_batches(texts, list(range(40)), tok, 8, 16, np.random.default_rng(0)))
+    labels = sorted(int(x) for b in batches for x in b["labels"])
+    assert labels == list(range(40))
+    # Grouped: each batch holds neighbours in length, so padding is small.
+    assert all(int((b["attention_mask"] == 0).sum()) <= 8 * 7 for b in batches)
+    assert max(b["input_ids"].shape[1] for b in batches) == 16  # truncated at max_length
+
+
+def test_config_file_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 5\nlr: 1.0e-4\nbatch_size: 64\n")
+    cfg = parse_config(TRAIN, ["--config", str(path), "--epochs", "2", "--no-group-by-length"])
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.group_by_length) == (2, 1e-4, 64, False)
+    assert cfg.storage_path.startswith("/")
+
+
+def test_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be divisible by num_workers"):
+        Config(batch_size=30, num_workers=4)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        Config(lr=0)
+    (tmp_path / "c.yaml").write_text("epoch: 3\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['epoch'\]"):
+        load_config(str(tmp_path / "c.yaml"))
+    with pytest.raises(SystemExit):
+        parse_config(TRAIN, ["--precision", "fp8"])
+
+
+def test_each_job_exposes_its_own_flags():
+    def flags(job):
+        return {a for action in build_parser(job)._actions for a in action.option_strings}
+    assert {"--lr", "--batch-size", "--num-workers", "--use-gpu", "--no-use-gpu"} <= flags(TRAIN)
+    assert {"--workers-per-trial", "--batch-sizes", "--lr-min"} <= flags(TUNE) and "--lr" not in flags(TUNE)
+    assert {"--batch-size", "--input", "--output"} <= flags(SCORE) and "--epochs" not in flags(SCORE)
