@@ -110,7 +110,7 @@ def tune_driver_fn(cfg: Config) -> str:
                              n_train=len(train)), TRIAL_DRIVER_RESOURCES)
     path = sweep_dir(cfg)
     if tune.Tuner.can_restore(path):
-        _say(f"resuming the sweep in {path}: finished trials stay, the others go on")
+        _say(f"resuming the sweep in {path} with the settings it started with: finished trials stay")
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         _say(f"sweep {cfg.name}: {cfg.num_samples} trials, {concurrency} at a time, each {cfg.num_workers} "
