@@ -29,6 +29,7 @@ SUMMARY_FILE = "_summary.json"
 WINDOW_BATCHES = 16  # micro-batches per model call; rows are sorted by length across the window
 PROGRESS_EVERY_S = 10.0
 WRITES_IN_FLIGHT = 4
+BLOCK_BYTES = 128 * 1024  # ~1,500 tokenized SST-2 rows
 TASKS_PER_GPU_ACTOR = 4  # read+tokenize tasks per GPU actor; on CPU one per actor keeps up with the model
 
 
@@ -42,6 +43,9 @@ def build_pipeline(files: list[InputFile], cfg: Config, model: str):
              for i, f in enumerate(files)]
     window = cfg.eval_batch_size * WINDOW_BATCHES
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 2000))
+    # A block goes to one actor, and a task's output would be one block per file: small blocks spread a file
+    # over all actors. This context is the dataset's own copy.
+    ds.context.target_max_block_size = BLOCK_BYTES
     # Each task process imports transformers and loads a tokenizer once; a few per actor keep it fed.
     tasks = ray.data.TaskPoolStrategy(size=cfg.num_workers * (TASKS_PER_GPU_ACTOR if cfg.use_gpu else 1))
     ds = ds.map_batches(read_rows_task, batch_size=1, fn_kwargs={"on_bad_file": cfg.on_bad_file}, num_cpus=TASK_CPUS,
