@@ -56,7 +56,7 @@ def run_hf_trainer(samples: int, strategy: str = "random", threads: int = 2, lr:
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=32, per_device_eval_batch_size=128,
-                                 num_train_epochs=1, learning_rate=lr, warmup_ratio=0.06, weight_decay=0.01,
+                                 num_train_epochs=1, learning_rate=lr, warmup_steps=0.06, weight_decay=0.01,
                                  lr_scheduler_type="linear", use_cpu=True, report_to=[], save_strategy="no",
                                  logging_steps=10_000, seed=42, train_sampling_strategy=strategy,
                                  dataloader_num_workers=0)
