@@ -37,29 +37,32 @@ def run_ours(storage: str, **overrides) -> dict:
     return {**metrics, "wall_seconds": time.perf_counter() - start}
 
 
-def run_hf_trainer(samples: int, strategy: str = "random", threads: int = 2, lr: float = 1e-4) -> dict:
-    """The baseline a user would pick: transformers.Trainer, dynamic padding, same model, batch, threads."""
+def run_hf_trainer(samples: int, strategy: str = "random") -> dict:
+    """The baseline a user would pick: transformers.Trainer, dynamic padding, and local.yaml's model,
+    batch size, threads and recipe."""
     import datasets
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from raysst.models import load_classifier, load_tokenizer
 
-    torch.set_num_threads(threads)
-    train, validation = load_sst2(SST2, samples, seed=42)
+    cfg = load_config(str(ROOT / "configs" / "local.yaml"))
+    torch.set_num_threads(cfg.cpus_per_worker)
+    train, validation = load_sst2(SST2, samples, seed=cfg.seed)
     tok = load_tokenizer(PACKAGED_MINILM)
 
     def encode(df):
         ds = datasets.Dataset.from_pandas(df.rename(columns={"label": "labels"}))
-        return ds.map(lambda b: tok(b["sentence"], truncation=True, max_length=128), batched=True,
+        return ds.map(lambda b: tok(b["sentence"], truncation=True, max_length=cfg.max_seq_length), batched=True,
                       remove_columns=["sentence"])
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=32, per_device_eval_batch_size=128,
-                                 num_train_epochs=1, learning_rate=lr, warmup_steps=0.06, weight_decay=0.01,
-                                 lr_scheduler_type="linear", use_cpu=True, report_to=[], save_strategy="no",
-                                 logging_steps=10_000, seed=42, train_sampling_strategy=strategy,
-                                 dataloader_num_workers=0)
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=cfg.batch_size,
+                                 per_device_eval_batch_size=128, num_train_epochs=1, learning_rate=cfg.lr,
+                                 warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+                                 max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="linear", use_cpu=True,
+                                 report_to=[], save_strategy="no", logging_steps=10_000, seed=cfg.seed,
+                                 train_sampling_strategy=strategy, dataloader_num_workers=0)
         trainer = Trainer(model=load_classifier(PACKAGED_MINILM), args=args, train_dataset=encode(train),
                           eval_dataset=encode(validation), data_collator=DataCollatorWithPadding(tok),
                           compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
@@ -72,7 +75,8 @@ def run_hf_trainer(samples: int, strategy: str = "random", threads: int = 2, lr:
 
 
 def vs_hf(samples: int) -> dict:
-    """Same slice, model, batch 32, lr, 2 threads: our Ray trainer, then HF Trainer (random and grouped)."""
+    """Same slice, model, batch, recipe and threads (configs/local.yaml): our Ray trainer, then the HF
+    Trainer with random and with length-grouped sampling."""
     with tempfile.TemporaryDirectory() as storage:
         ours = run_ours(storage, max_train_samples=samples, name="vs-hf")
     hf = run_hf_trainer(samples)
