@@ -123,11 +123,11 @@ def _load_hub_split(name: str, split: str) -> pd.DataFrame:
 
 
 def load_sst2(data: str, max_train_samples: Optional[int] = None, seed: int = 42):
-    """Train and validation frames; the train slice (if any) is a seeded random sample."""
+    """Train and validation frames. Train comes back in a seeded random order (the slice, if any, is its
+    head): workers only shuffle within windows, and a file sorted by label must not train in that order."""
     train, validation = load_split(data, "train"), load_split(data, "validation")
-    if max_train_samples and max_train_samples < len(train):
-        train = train.sample(n=max_train_samples, random_state=seed).reset_index(drop=True)
-    return train, validation
+    n = min(max_train_samples or len(train), len(train))
+    return train.sample(n=n, random_state=seed).reset_index(drop=True), validation
 
 
 def to_ray_datasets(train: pd.DataFrame, validation: pd.DataFrame, num_blocks: int = 16) -> dict:

@@ -28,8 +28,19 @@ def test_each_format_loads(tmp_path, fmt):
     write(ROWS, tmp_path / f"train.{fmt}", fmt)
     write(ROWS.rename(columns={"sentence": "text"}), tmp_path / f"validation.{fmt}", fmt)
     train, validation = load_sst2(str(tmp_path))
-    assert train.to_dict("list") == ROWS.to_dict("list")
+    assert train.sort_values("sentence").to_dict("list") == ROWS.sort_values("sentence").to_dict("list")
     assert validation.to_dict("list") == ROWS.to_dict("list")
+
+
+def test_train_rows_sorted_by_label_come_back_mixed(tmp_path):
+    rows = pd.DataFrame({"sentence": [f"review {i}" for i in range(400)], "label": [0] * 200 + [1] * 200})
+    write(rows, tmp_path / "train.csv", "csv")
+    write(rows, tmp_path / "validation.csv", "csv")
+    train, validation = load_sst2(str(tmp_path), seed=3)
+    assert sorted(train.sentence) == sorted(rows.sentence)  # nothing lost or repeated
+    assert 0.3 < train.label[:100].mean() < 0.7  # the first windows a worker sees hold both labels
+    assert train.equals(load_sst2(str(tmp_path), seed=3)[0])
+    assert validation.equals(rows)  # validation keeps its order
 
 
 def test_glue_dev_tsv_and_string_labels(tmp_path):
