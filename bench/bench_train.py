@@ -24,13 +24,14 @@ from raysst.config import PACKAGED_MINILM, load_config  # noqa: E402
 from raysst.data import load_sst2  # noqa: E402
 
 SST2 = str((ROOT.parent / "shared" / "data" / "sst2").resolve())
+LOCAL_CONFIG = str(ROOT / "configs" / "local.yaml")  # both contenders take its recipe
 
 
 def run_ours(storage: str, **overrides) -> dict:
     """One job through the project's own driver; returns its metrics.json plus the wall time."""
     from raysst.train import train_driver_fn
 
-    cfg = load_config(str(ROOT / "configs" / "local.yaml"), **{"data": SST2, "storage_path": storage, **overrides})
+    cfg = load_config(LOCAL_CONFIG, **{"data": SST2, "storage_path": storage, **overrides})
     start = time.perf_counter()
     model_dir = train_driver_fn(cfg)
     metrics = json.loads((Path(model_dir) / "metrics.json").read_text())
@@ -46,7 +47,7 @@ def run_hf_trainer(samples: int, strategy: str = "random") -> dict:
 
     from raysst.models import load_classifier, load_tokenizer
 
-    cfg = load_config(str(ROOT / "configs" / "local.yaml"))
+    cfg = load_config(LOCAL_CONFIG)
     torch.set_num_threads(cfg.cpus_per_worker)
     train, validation = load_sst2(SST2, samples, seed=cfg.seed)
     tok = load_tokenizer(PACKAGED_MINILM)
@@ -82,7 +83,8 @@ def vs_hf(samples: int) -> dict:
     hf = run_hf_trainer(samples)
     hf_grouped = run_hf_trainer(samples, strategy="group_by_length")
     ours_sps = ours["train_samples_per_second"]
-    return {"bench": "train vs HF Trainer", "samples": samples, "model": "all-MiniLM-L6-v2", "threads": 2,
+    return {"bench": "train vs HF Trainer", "samples": samples, "model": "all-MiniLM-L6-v2",
+            "threads": ours["config"]["cpus_per_worker"],
             "raysst_samples_per_second": ours_sps, "raysst_accuracy": ours["accuracy"],
             "raysst_wall_seconds_incl_ray_startup": ours["wall_seconds"],
             "hf_trainer_samples_per_second": hf["train_samples_per_second"], "hf_trainer_accuracy": hf["accuracy"],
