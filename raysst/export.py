@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +22,7 @@ def export_run(result, cfg: Config, dest: Optional[str] = None) -> str:
         raise RuntimeError(f"training run {cfg.name} reported no checkpoint; nothing to export")
     with result.checkpoint.as_directory() as latest:
         history = json.loads((Path(latest) / HISTORY_FILE).read_text())
-    return export_checkpoint(best, history, cfg, dest or _join(str(result.path), "model"))
+    return export_checkpoint(best, history, cfg, dest or posixpath.join(str(result.path), "model"))
 
 
 def export_checkpoint(checkpoint, history: list, cfg: Config, dest: str) -> str:
@@ -128,7 +129,3 @@ The training data reflects the opinions of film critics and carries their biases
 
 def _mean(rows: list, key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
-
-
-def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name

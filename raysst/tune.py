@@ -8,6 +8,7 @@ each epoch's metrics to Tune. `<storage_path>/<name>/` holds Tune's state, each 
 from __future__ import annotations
 
 import json
+import posixpath
 import tempfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pandas as pd
 from ray.tune import Callback
 
 from raysst.config import Config
-from raysst.export import _join, export_checkpoint
+from raysst.export import export_checkpoint
 from raysst.train import HISTORY_FILE
 
 TRIAL_RUNS = "train_runs"
@@ -76,18 +77,18 @@ def train_driver_fn_per_trial(config: dict, base: Config, datasets: dict, n_trai
 
     trial_id = ray.tune.get_context().get_trial_id()
     # Train resumes a run by (storage_path, name): the trial id keeps both stable across sweep restarts.
-    cfg = base.replace(**config, storage_path=_join(sweep_dir(base), TRIAL_RUNS), name=trial_id)
+    cfg = base.replace(**config, storage_path=posixpath.join(sweep_dir(base), TRIAL_RUNS), name=trial_id)
     build_trainer(cfg, datasets, n_train, callbacks=[TuneReportCallback()]).fit()
 
 
 def sweep_dir(cfg: Config) -> str:
     """`<storage_path>/<name>`: Tune's experiment, the trials' Train runs and the sweep's outputs."""
-    return _join(cfg.storage_path, cfg.name)
+    return posixpath.join(cfg.storage_path, cfg.name)
 
 
 def trial_run(cfg: Config, trial_id: str) -> str:
     """Where a trial's Train run lives (its checkpoints and state), named by the trial id."""
-    return _join(_join(sweep_dir(cfg), TRIAL_RUNS), trial_id)
+    return posixpath.join(sweep_dir(cfg), TRIAL_RUNS, trial_id)
 
 
 def tune_driver_fn(cfg: Config) -> str:
@@ -194,8 +195,9 @@ def write_outputs(cfg: Config, trials: pd.DataFrame) -> str:
         best = scored.loc[scored["best_accuracy"].idxmax()]
         best_cfg = cfg.replace(lr=float(best["lr"]), batch_size=int(best["batch_size"]))
         run = trial_run(cfg, best["trial_id"])
-        checkpoint = _join(run, f"checkpoint_epoch_{int(best['best_epoch']):03d}")
-        model_dir = export_checkpoint(Checkpoint(checkpoint), _run_history(run)[0], best_cfg, _join(path, "best_model"))
+        checkpoint = posixpath.join(run, f"checkpoint_epoch_{int(best['best_epoch']):03d}")
+        model_dir = export_checkpoint(Checkpoint(checkpoint), _run_history(run)[0], best_cfg,
+                                      posixpath.join(path, "best_model"))
         keys = ("lr", "batch_size", "epochs", "warmup_ratio", "weight_decay", "model", "num_workers")
         summary = {"trial_id": best["trial_id"], "accuracy": float(best["best_accuracy"]),
                    "eval_loss": float(best["eval_loss"]), "epoch": int(best["best_epoch"]),
