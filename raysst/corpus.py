@@ -78,25 +78,28 @@ def list_input_files(spec: str, exclude: Optional[str] = None) -> tuple[list[Inp
     return files, ignored
 
 
-def scan_file(f: InputFile, text_column: Optional[str] = None, id_column: Optional[str] = None) -> InputFile:
-    """Check a file's columns without reading its rows; returns it with its text column (and parquet row count)."""
+def file_columns(f: InputFile) -> tuple[list, Optional[int]]:
+    """A file's column names (and, for parquet, its row count) without reading its rows."""
     import pyarrow.parquet as pq
 
-    num_rows = None
     with _reading(f):
         if f.fmt == "parquet":
             meta = pq.ParquetFile(f.path).metadata
-            columns, num_rows = meta.schema.to_arrow_schema().names, meta.num_rows
-        elif f.fmt in ("csv", "tsv"):
+            return meta.schema.to_arrow_schema().names, meta.num_rows
+        if f.fmt in ("csv", "tsv"):
             with open(f.path, "rb") as fh:
                 header = fh.readline()
-            columns = list(_read_csv(f, decode(header)[0], nrows=0).columns)
-        elif f.fmt == "jsonl":
+            return list(_read_csv(f, decode(header)[0], nrows=0).columns), None
+        if f.fmt == "jsonl":
             with open(f.path, "rb") as fh:
                 lines = [line for _, line in zip(range(SCAN_RECORDS), fh)]
-            columns = list(dict.fromkeys(k for r in _parse_jsonl(f, decode(b"".join(lines))[0]) for k in r))
-        else:
-            columns = [TXT_COLUMN]
+            return list(dict.fromkeys(k for r in _parse_jsonl(f, decode(b"".join(lines))[0]) for k in r)), None
+    return [TXT_COLUMN], None
+
+
+def scan_file(f: InputFile, text_column: Optional[str] = None, id_column: Optional[str] = None) -> InputFile:
+    """Check a file's columns without reading its rows; returns it with its text column (and parquet row count)."""
+    columns, num_rows = file_columns(f)
     text = TXT_COLUMN if f.fmt == "txt" else find_text_column(columns, f.path, text_column)
     if id_column and f.fmt != "txt" and id_column not in columns:
         raise DataError(f"{f.path}: no id column {id_column!r}; columns are {columns}")

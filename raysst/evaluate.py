@@ -197,6 +197,7 @@ def evaluate_driver_fn(cfg: Config) -> dict:
 
     if not cfg.input or not cfg.output:
         raise ValueError("evaluate needs --data (labeled file, directory or glob) and --output (directory)")
+    require_label_column(cfg.input, cfg.label_column)
     init_ray()
     models = cfg.eval_models
     names = model_names(models)
@@ -208,6 +209,16 @@ def evaluate_driver_fn(cfg: Config) -> dict:
     if len(models) > 1:
         write_comparison(reports, cfg.output)
     return reports
+
+
+def require_label_column(spec: str, label_column: str) -> None:
+    """Fail before any scoring when a file of the labeled data lacks the gold label column."""
+    from raysst.corpus import file_columns, list_input_files
+
+    for f in list_input_files(spec)[0]:
+        columns = file_columns(f)[0]
+        if label_column not in columns:
+            raise DataError(f"{f.path}: no label column {label_column!r}; columns are {columns}")
 
 
 def training_report(model_dir: str, validation: Union[pd.DataFrame, str], history: Optional[list] = None,

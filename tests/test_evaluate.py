@@ -302,6 +302,7 @@ def test_string_labels_and_missing_label_column_end_to_end(ray_local, trained_mo
     bad = cfg.replace(input=str(tmp_path / "nolabel.parquet"), label_column="label", output=str(tmp_path / "bad"))
     with pytest.raises(DataError, match=r"nolabel.parquet: no label column 'label'; columns are \['sentence', 'idx'\]"):
         evaluate_driver_fn(bad)
+    assert not (tmp_path / "bad").exists()  # found before scoring a row, not after
 
 
 @pytest.mark.timeout(180)
