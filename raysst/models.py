@@ -86,6 +86,15 @@ def load_classifier(name: str, dtype=None):
         resolve_model(name), num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID, **kwargs)
 
 
+def set_dropout(model, rate: float) -> None:
+    """Set every dropout layer to `rate`; BERT-style models read their attention dropout from these layers too."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+
+
 def make_random_model(directory: str, tokenizer_from: str = PACKAGED_MINILM, **bert_config) -> str:
     """Save a randomly initialised BERT classifier with a real tokenizer (tests, speed benchmarks).
 

@@ -27,7 +27,8 @@ def train_fn_per_worker(config: dict) -> None:
     from transformers import get_linear_schedule_with_warmup
 
     from raysst.data import length_grouped_batches
-    from raysst.models import count_parameters, device_dtype, fetch_once_per_node, load_classifier, load_tokenizer
+    from raysst.models import (count_parameters, device_dtype, fetch_once_per_node, load_classifier, load_tokenizer,
+                               set_dropout)
     from raysst.tracking import Tracker
 
     run_id, n_train = config.pop("run_id"), config.pop("n_train")
@@ -45,6 +46,8 @@ def train_fn_per_worker(config: dict) -> None:
         model = load_classifier(ckpt_dir or model_path)
         if ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
     tokenizer = load_tokenizer(model_path)
     n_params = count_parameters(model)
     model = ray.train.torch.prepare_model(model)

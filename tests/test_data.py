@@ -103,8 +103,8 @@ def test_length_grouped_batches_cover_every_example_once(tiny_model):
 def test_config_file_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("epochs: 5\nlr: 1.0e-4\nbatch_size: 64\n")
-    cfg = parse_config(TRAIN, ["--config", str(path), "--epochs", "2", "--no-group-by-length"])
-    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.group_by_length) == (2, 1e-4, 64, False)
+    cfg = parse_config(TRAIN, ["--config", str(path), "--epochs", "2", "--no-group-by-length", "--dropout", "0"])
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.group_by_length, cfg.dropout) == (2, 1e-4, 64, False, 0.0)
     assert cfg.storage_path.startswith("/")
 
 
@@ -113,6 +113,8 @@ def test_config_rejects_bad_values(tmp_path):
         Config(batch_size=30, num_workers=4)
     with pytest.raises(ValueError, match="lr must be a positive number"):
         Config(lr=0)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        Config(dropout=1.0)
     (tmp_path / "c.yaml").write_text("epoch: 3\n")
     with pytest.raises(ValueError, match=r"unknown keys \['epoch'\]"):
         load_config(str(tmp_path / "c.yaml"))

@@ -35,7 +35,7 @@ def trained(ray_local, tiny_model, sst2_small, tmp_path_factory):
     from raysst.train import train_driver_fn
 
     tmp = tmp_path_factory.mktemp("train")
-    cfg = tiny_cfg(tiny_model, sst2_small, tmp, mlflow_uri=f"sqlite:///{tmp}/mlflow.db")
+    cfg = tiny_cfg(tiny_model, sst2_small, tmp, mlflow_uri=f"sqlite:///{tmp}/mlflow.db", dropout=0.0)
     return cfg, Path(train_driver_fn(cfg))
 
 
@@ -53,6 +53,22 @@ def test_two_worker_run_checkpoints_and_metrics(trained):
     card = (model_dir / "README.md").read_text()
     assert "| Epoch | Training Loss | Validation Loss | Accuracy |" in card
     assert f"| 2 | {metrics['epochs'][1]['train_loss']:.4f} |" in card
+    assert "- dropout: 0\n" in card
+
+
+def test_dropout_override_reaches_attention_dropout_too(tiny_model):
+    """Only attention dropout is on, so a deterministic training-mode pass after set_dropout(0) shows it was reached."""
+    from transformers import AutoModelForSequenceClassification
+
+    from raysst.models import set_dropout
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5).train()
+    batch = collate(load_tokenizer(tiny_model), ["a fine film", "dull and far too long"], 16)
+    logits = lambda: model(**batch).logits  # noqa: E731
+    assert not torch.equal(logits(), logits())
+    set_dropout(model, 0.0)
+    assert torch.equal(logits(), logits())
 
 
 def test_tensorboard_and_mlflow_tracking(trained):
