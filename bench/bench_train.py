@@ -45,7 +45,7 @@ def run_hf_trainer(samples: int, strategy: str = "random") -> dict:
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from raysst.models import load_classifier, load_tokenizer
+    from raysst.models import load_classifier, load_tokenizer, set_dropout
 
     cfg = load_config(LOCAL_CONFIG)
     torch.set_num_threads(cfg.cpus_per_worker)
@@ -57,6 +57,9 @@ def run_hf_trainer(samples: int, strategy: str = "random") -> dict:
         return ds.map(lambda b: tok(b["sentence"], truncation=True, max_length=cfg.max_seq_length), batched=True,
                       remove_columns=["sentence"])
 
+    model = load_classifier(PACKAGED_MINILM)
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=cfg.batch_size,
                                  per_device_eval_batch_size=128, num_train_epochs=1, learning_rate=cfg.lr,
@@ -64,7 +67,7 @@ def run_hf_trainer(samples: int, strategy: str = "random") -> dict:
                                  max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="linear", use_cpu=True,
                                  report_to=[], save_strategy="no", logging_steps=10_000, seed=cfg.seed,
                                  train_sampling_strategy=strategy, dataloader_num_workers=0)
-        trainer = Trainer(model=load_classifier(PACKAGED_MINILM), args=args, train_dataset=encode(train),
+        trainer = Trainer(model=model, args=args, train_dataset=encode(train),
                           eval_dataset=encode(validation), data_collator=DataCollatorWithPadding(tok),
                           compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
         start = time.perf_counter()
