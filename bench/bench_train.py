@@ -58,8 +58,7 @@ def run_hf_trainer(samples: int, strategy: str = "random") -> dict:
                       remove_columns=["sentence"])
 
     model = load_classifier(PACKAGED_MINILM)
-    if cfg.dropout is not None:
-        set_dropout(model, cfg.dropout)
+    set_dropout(model, cfg.dropout)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=cfg.batch_size,
                                  per_device_eval_batch_size=128, num_train_epochs=1, learning_rate=cfg.lr,

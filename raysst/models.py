@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from raysst.config import PACKAGED_MINILM
 from raysst.data import LABEL_NAMES
@@ -86,10 +87,13 @@ def load_classifier(name: str, dtype=None):
         resolve_model(name), num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID, **kwargs)
 
 
-def set_dropout(model, rate: float) -> None:
-    """Set every dropout layer to `rate`; BERT-style models read their attention dropout from these layers too."""
+def set_dropout(model, rate: Optional[float]) -> None:
+    """Set every dropout layer to `rate` (None keeps the checkpoint's); BERT-style models read their attention
+    dropout from these layers too."""
     import torch
 
+    if rate is None:
+        return
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = rate

@@ -46,8 +46,7 @@ def train_fn_per_worker(config: dict) -> None:
         model = load_classifier(ckpt_dir or model_path)
         if ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
-    if cfg.dropout is not None:
-        set_dropout(model, cfg.dropout)
+    set_dropout(model, cfg.dropout)
     tokenizer = load_tokenizer(model_path)
     n_params = count_parameters(model)
     model = ray.train.torch.prepare_model(model)
