@@ -49,6 +49,7 @@ class Config:
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm)")
     warmup_ratio: float = _f(0.06, "fraction of optimizer steps spent in linear warmup")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns it off)")
+    head_lr_scale: float = _f(1.0, "learning-rate multiplier for the classification head (pooler and classifier)")
     dropout: Optional[float] = _f(None, "dropout rate of every dropout layer while training (default: the checkpoint's)")
     max_seq_length: int = _f(128, "truncate inputs to this many tokens", ALL)
     max_train_samples: Optional[int] = _f(None, "train on a random slice of this many examples (0: all)")
@@ -90,6 +91,7 @@ class Config:
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0")
+        _check(self.head_lr_scale > 0, "head_lr_scale", self.head_lr_scale, "a positive number")
         _check(self.dropout is None or 0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
         _check(8 <= self.max_seq_length <= 512, "max_seq_length", self.max_seq_length, "between 8 and 512")
         _check(self.max_train_samples is None or self.max_train_samples >= 0,

@@ -71,6 +71,23 @@ def test_dropout_override_reaches_attention_dropout_too(tiny_model):
     assert torch.equal(logits(), logits())
 
 
+def test_head_gets_its_learning_rate_and_norms_no_weight_decay(tiny_model):
+    from raysst.config import TRAIN, parse_config
+    from raysst.train import param_groups
+
+    model = load_classifier(tiny_model)
+    cfg = parse_config(TRAIN, ["--lr", "1e-4", "--head-lr-scale", "10"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in param_groups(model, cfg) for p in g["params"]}
+    assert sorted(got) == sorted(names.values())  # every parameter in exactly one group
+    assert got["classifier.weight"] == (pytest.approx(1e-3), 0.01)
+    assert got["bert.pooler.dense.bias"] == (pytest.approx(1e-3), 0.0)
+    assert got["bert.encoder.layer.0.attention.self.query.weight"] == (1e-4, 0.01)
+    assert got["bert.embeddings.LayerNorm.weight"] == (1e-4, 0.0)
+    with pytest.raises(ValueError, match="head_lr_scale must be a positive number, got 0"):
+        Config(head_lr_scale=0)
+
+
 def test_tensorboard_and_mlflow_tracking(trained):
     import mlflow
 
