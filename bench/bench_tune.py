@@ -4,7 +4,7 @@
         --max-train-samples 2000 --epochs 2 --num-samples 4 --storage-path /tmp/bench-tune --name bench
 
 Runs the sweep (lr log-uniform in [--lr-min, --lr-max], batch size from --batch-sizes, ASHA), then
-one plain training run with the config's lr and batch size (configs/local.yaml: 1e-4, 32) on the
+one plain training run with the config's lr and batch size (configs/local.yaml: 1e-4, 64) on the
 same slice and epochs, in the same process and Ray, and prints both accuracies and wall times.
 Not part of the tests: it takes minutes.
 """
