@@ -10,8 +10,6 @@ DATA   ?= $(if $(wildcard ../shared/data/sst2/train.parquet),$(abspath ../shared
 RUNS   ?= $(abspath runs)
 ARGS   ?=
 export PATH := $(BIN):$(PATH)
-# Ray 2.60 starts heads with token auth; its CLI sends ~/.ray/auth_token only in token mode.
-export RAY_AUTH_MODE ?= token
 
 .PHONY: setup run train-local test lint clean
 
@@ -24,11 +22,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,offline]"
 	touch $@
 
-# A local Ray head, the training job submitted to it, then the head stopped again.
+# A Ray head of this run's own (free ports, a token of its own unless ~/.ray/auth_token exists), the training
+# job submitted to it, then that head stopped, and no other Ray on the machine; its log is runs/ray-head.log.
 run: setup
-	ray start --head --num-cpus=2 --include-dashboard=true --dashboard-host=127.0.0.1 --disable-usage-stats
-	ray job submit --working-dir . -- python jobs/train.py --config configs/local.yaml \
-		--data "$(DATA)" --storage-path "$(RUNS)" $(ARGS); status=$$?; ray stop; exit $$status
+	python -m raysst.local_head --log "$(RUNS)/ray-head.log" -- \
+		ray job submit --working-dir . -- python jobs/train.py --config configs/local.yaml \
+		--data "$(DATA)" --storage-path "$(RUNS)" $(ARGS)
 
 # The same job without a Ray head: `python jobs/train.py` starts a local Ray itself.
 train-local: setup

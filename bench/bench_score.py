@@ -3,6 +3,7 @@
     python bench/bench_score.py speed   # MiniLM classifier: the job vs transformers.pipeline(batch_size=32)
     python bench/bench_score.py scale   # tiny model: rows/s and peak memory as the corpus grows 10x
     python bench/bench_score.py gpu     # bert-base-shaped model, bf16, on the GPUs of this machine
+    python bench/bench_score.py whole   # `jobs/score.py` with default flags vs a pipeline script, whole processes
 
 The job's rows/s include starting its actors and loading the model (not starting Ray); the pipeline's
 include only inference. Both run in the same process, one after the other, `--repeats` times.
@@ -11,6 +12,7 @@ include only inference. Both run in the same process, one after the other, `--re
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -127,10 +129,10 @@ def bench_speed(args, work: Path) -> None:
     texts = sst2_sentences(args.rows)
     model = minilm_classifier(work / "minilm")
     corpus = write_corpus(texts, work / "speed_in", rows_per_file=args.rows_per_file)
-    cfg = Config(model=model, input=corpus, output=str(work / "unused"), num_workers=args.num_workers,
+    cfg = Config(model=model, input=corpus, output=str(work / "unused"), num_actors=args.num_workers,
                  cpus_per_worker=args.cpus_per_worker, eval_batch_size=args.batch_size)
     print(f"speed: {len(texts):,} SST-2 sentences (mean {np.mean([len(t.split()) for t in texts]):.1f} words), "
-          f"{os.cpu_count()} CPUs; job: {cfg.num_workers} actor(s) x {cfg.cpus_per_worker} threads, "
+          f"{os.cpu_count()} CPUs; job: {cfg.num_actors} actor(s) x {cfg.cpus_per_worker} threads, "
           f"batch {cfg.eval_batch_size}; {load()}", flush=True)
     torch.set_num_threads(os.cpu_count())
     pipe_rates, job_rates, cpu_ratios = [], [], []
@@ -161,7 +163,7 @@ def bench_scale(args, work: Path) -> None:
 
     model = make_random_model(str(work / "tiny"), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                               intermediate_size=64, max_position_embeddings=128)
-    cfg = Config(model=model, input="unused", output="unused", num_workers=args.num_workers,
+    cfg = Config(model=model, input="unused", output="unused", num_actors=args.num_workers,
                  cpus_per_worker=args.cpus_per_worker, eval_batch_size=args.batch_size)
     print(f"scale: tiny BERT, {args.scale_rows:,} then {args.scale_rows * 10:,} rows in files of "
           f"{args.rows_per_file:,}; {load()}", flush=True)
@@ -174,6 +176,46 @@ def bench_scale(args, work: Path) -> None:
               f"(driver {mem.peak_driver / 2**30:.2f} GiB); {load()}", flush=True)
 
 
+PIPELINE_SCRIPT = """
+import sys, pandas as pd
+from transformers import pipeline
+texts = pd.read_parquet(sys.argv[2]).sentence.tolist()
+labels = [r["label"] for r in pipeline("text-classification", model=sys.argv[1], batch_size=32, device="cpu")(texts)]
+pd.DataFrame({"sentence": texts, "label": labels}).to_parquet(sys.argv[3])
+"""
+
+
+def bench_whole(args, work: Path) -> None:
+    """What a user feels: `python jobs/score.py` with no sizing flags (its own Ray start included) against a
+    script that reads the same file, runs `pipeline(batch_size=32)` and writes parquet, on validation sentences."""
+    import subprocess
+
+    val = pd.read_parquet(SST2 / "validation.parquet").sentence.tolist()
+    texts = (val * (args.whole_rows // len(val) + 1))[:args.whole_rows]
+    model = minilm_classifier(work / "minilm")
+    data = work / "whole.parquet"
+    pd.DataFrame({"sentence": texts}).to_parquet(data)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    root = Path(__file__).resolve().parents[1]
+    print(f"whole: {len(texts):,} SST-2 validation sentences (repeated), {os.cpu_count()} CPUs; {load()}", flush=True)
+    for rep in range(args.repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT, model, str(data), str(work / f"pipe_{rep}.parquet")],
+                       env=env, check=True)
+        pipe_s = time.perf_counter() - t0
+        out = work / f"whole_out_{rep}"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "jobs/score.py", "--model", model, "--input", str(data), "--output", str(out)],
+                       cwd=root, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        job_s = time.perf_counter() - t0
+        summary = json.loads((out / "_summary.json").read_text())
+        agree = np.mean(read_scored(str(out)).label.to_numpy() == pd.read_parquet(work / f"pipe_{rep}.parquet").label)
+        print(f"  run {rep + 1}: pipeline script {pipe_s:.1f} s | jobs/score.py {job_s:.1f} s "
+              f"({summary['hardware']['model_actors']} actor(s) x {summary['hardware']['cpus_per_actor']} thread(s), "
+              f"{summary['wall_seconds']:.1f} s inside the job) | ratio {pipe_s / job_s:.2f}x | labels agree "
+              f"{agree:.2%} | {load()}", flush=True)
+
+
 def bench_gpu(args, work: Path) -> None:
     import torch
 
@@ -184,18 +226,19 @@ def bench_gpu(args, work: Path) -> None:
         raise SystemExit("gpu: no CUDA device on this machine")
     model = make_random_model(str(work / "bert_base"))  # bert-base-uncased's shape, random weights
     corpus = write_corpus(sst2_sentences(args.gpu_rows), work / "gpu_in", rows_per_file=args.rows_per_file)
-    cfg = Config(model=model, input=corpus, output="unused", num_workers=gpus, use_gpu=True, precision="bf16",
+    cfg = Config(model=model, input=corpus, output="unused", num_actors=gpus, use_gpu=True, precision="bf16",
                  eval_batch_size=args.gpu_batch_size, cpus_per_worker=1)
     for rep in range(args.repeats):
         summary = run_job(cfg, work / f"gpu_out_{rep}")
-        print(f"gpu: {summary['rows_scored_this_run']:,} rows on {summary['hardware']['driver']}, bf16, batch "
+        devices = ", ".join(summary["hardware"]["rows_by_actor_device"])
+        print(f"gpu: {summary['rows_scored_this_run']:,} rows on {devices}, bf16, batch "
               f"{cfg.eval_batch_size}: {summary['rows_per_second']:,.0f} rows/s (wall {summary['wall_seconds']:.1f} s "
               "incl. actor start and model load; target >= 20,000)", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="*", default=["speed", "scale"], choices=["speed", "scale", "gpu"])
+    parser.add_argument("parts", nargs="*", default=["speed", "scale"], choices=["speed", "scale", "gpu", "whole"])
     parser.add_argument("--rows", type=int, default=20_000, help="speed: sentences scored")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--num-workers", type=int, default=os.cpu_count(), help="model actors (default: one per core)")
@@ -203,6 +246,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rows-per-file", type=int, default=10_000)
     parser.add_argument("--scale-rows", type=int, default=20_000, help="scale: the small corpus; the large is 10x")
+    parser.add_argument("--whole-rows", type=int, default=10_464, help="whole: rows (12 x the validation set)")
     parser.add_argument("--gpu-rows", type=int, default=500_000)
     parser.add_argument("--gpu-batch-size", type=int, default=512)
     parser.add_argument("--workdir", help="keep corpora and outputs here (default: a temporary directory)")
@@ -212,11 +256,12 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from raysst.runtime import init_ray
 
-    init_ray()  # started before any timing: a cluster is already up when a real job is submitted
+    if set(args.parts) - {"whole"}:  # `whole` times jobs that start their own Ray, as a user's would
+        init_ray()  # started before any timing: a cluster is already up when a real job is submitted
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         for part in args.parts:
-            {"speed": bench_speed, "scale": bench_scale, "gpu": bench_gpu}[part](args, work)
+            {"speed": bench_speed, "scale": bench_scale, "gpu": bench_gpu, "whole": bench_whole}[part](args, work)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def gpu(batch_size: int, model: Optional[str] = None, data: str = SST2, samples:
     how bench/gpu_check.py's smoke test keeps this code alive without a GPU."""
     import torch
 
-    from raysst.models import hardware, make_random_model
+    from raysst.models import describe_device, device_info, make_random_model
 
     on_gpu = device == "cuda"
     if on_gpu and not torch.cuda.is_available():
@@ -129,7 +129,7 @@ def gpu(batch_size: int, model: Optional[str] = None, data: str = SST2, samples:
                      precision="bf16" if on_gpu else "fp32", cpus_per_worker=4 if on_gpu else 1,
                      batch_size=batch_size, eval_batch_size=512, name="gpu", log_every=100)
     return {"bench": f"bert-base-shaped {'bf16' if on_gpu else 'fp32'} training, 1 {device.upper()} worker, "
-                     "raysst trainer", "gpu": torch.cuda.get_device_name(0) if on_gpu else hardware(),
+                     "raysst trainer", "gpu": describe_device(device_info()),
             "batch_size": batch_size, "train_samples": m["epochs"][-1]["train_samples"],
             "samples_per_second": m["train_samples_per_second"], "tokens_per_second": m["train_tokens_per_second"],
             "wall_seconds_incl_ray_startup": m["wall_seconds"]}

@@ -37,8 +37,10 @@ class Config:
     storage_path: str = _f(DEFAULT_STORAGE, "where runs, checkpoints and models are written (local path or s3://...)")
     name: str = _f("sst2", "run name; rerunning with the same name and storage path resumes")
     # Scale.
-    num_workers: int = _f(1, "training workers (one per GPU), or model actors when scoring", (TRAIN, SCORE, EVAL),
-                          flag={TUNE: "workers-per-trial"})
+    num_workers: int = _f(1, "training workers (one per GPU)", (TRAIN,), flag={TUNE: "workers-per-trial"})
+    num_actors: Optional[int] = _f(None, "model actors (default: one per GPU with --use-gpu, else one per "
+                                   "--cpus-per-worker CPUs that Ray has)", (), flag={SCORE: "num-workers",
+                                                                                 EVAL: "num-workers"})
     use_gpu: bool = _f(False, "run on GPUs", ALL)
     cpus_per_worker: int = _f(1, "CPUs reserved per worker; on CPU also its torch threads", ALL)
     # Recipe.
@@ -86,6 +88,7 @@ class Config:
         _check(self.lr > 0, "lr", self.lr, "a positive number")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
         _check(self.num_workers >= 1, "num_workers", self.num_workers, "at least 1")
+        _check(self.num_actors is None or self.num_actors >= 1, "num_actors", self.num_actors, "at least 1")
         _check(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, "at least 1")
         _check(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "at least 1")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")

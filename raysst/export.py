@@ -27,8 +27,6 @@ def export_run(result, cfg: Config, dest: Optional[str] = None) -> str:
 
 def export_checkpoint(checkpoint, history: list, cfg: Config, dest: str) -> str:
     """Write the checkpoint's weights and tokenizer, `metrics.json` and `README.md` to `dest`."""
-    from raysst.models import hardware
-
     with tempfile.TemporaryDirectory() as tmp, checkpoint.as_directory() as src:
         out = Path(tmp) / "model"
         shutil.copytree(src, out, ignore=shutil.ignore_patterns(STATE_FILE, HISTORY_FILE))
@@ -42,7 +40,7 @@ def export_checkpoint(checkpoint, history: list, cfg: Config, dest: str) -> str:
             "train_tokens_per_second": _mean(history, "train_tokens_per_second"),
             "train_steps_per_second": _mean(history, "train_steps_per_second"),
             "total_flops": sum(row["flops"] for row in history),
-            "hardware": f"{cfg.num_workers} worker(s), " + ("GPU: " if cfg.use_gpu else "") + hardware(),
+            "hardware": _hardware(history[-1]),
             "config": cfg.to_dict(),
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -126,6 +124,13 @@ and on negation-heavy phrasing. Inputs longer than {c.max_seq_length} tokens are
 Probabilities are not calibrated guarantees; check the evaluation report before relying on them.
 The training data reflects the opinions of film critics and carries their biases.
 """
+
+
+def _hardware(epoch: dict) -> str:
+    """What the rank-0 worker reported for its device (checkpoints from before it did so have no record)."""
+    if "hardware" not in epoch:
+        return "not recorded"
+    return f"{epoch['workers']} worker(s), each on {epoch['hardware']}"
 
 
 def _mean(rows: list, key: str) -> float:

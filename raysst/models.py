@@ -131,10 +131,35 @@ def device_dtype(use_gpu: bool, precision: str):
     return torch.float16
 
 
-def hardware() -> str:
+def device_info() -> dict:
+    """The device this process computes on, read where the work runs (a Ray worker, not the driver):
+    GPU name, count and memory, or CPU model, torch threads and cores."""
     import platform
+
     import torch
 
     if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return {"device": "cuda", "name": props.name, "count": torch.cuda.device_count(),
+                "memory_gib": round(props.total_memory / 2**30, 1), "node": platform.node()}
+    return {"device": "cpu", "name": _cpu_model(), "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+            "node": platform.node()}
+
+
+def describe_device(info: dict) -> str:
+    """One line for a model card: `1x NVIDIA A100-SXM4-80GB (79.3 GiB)` or `CPU (Intel Xeon ..., 2 threads of 8 cores)`."""
+    if info["device"] == "cuda":
+        return f"{info['count']}x {info['name']} ({info['memory_gib']:g} GiB)"
+    return f"CPU ({info['name']}, {info['threads']} thread(s) of {info['cores']} cores)"
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -47,14 +47,14 @@ def build_pipeline(files: list[InputFile], cfg: Config, model: str):
     # over all actors. This context is the dataset's own copy.
     ds.context.target_max_block_size = BLOCK_BYTES
     # Each task process imports transformers and loads a tokenizer once; a few per actor keep it fed.
-    tasks = ray.data.TaskPoolStrategy(size=cfg.num_workers * (TASKS_PER_GPU_ACTOR if cfg.use_gpu else 1))
+    tasks = ray.data.TaskPoolStrategy(size=cfg.num_actors * (TASKS_PER_GPU_ACTOR if cfg.use_gpu else 1))
     ds = ds.map_batches(read_rows_task, batch_size=1, fn_kwargs={"on_bad_file": cfg.on_bad_file}, num_cpus=TASK_CPUS,
                         compute=tasks)
     ds = ds.map_batches(tokenize_task, batch_size=window, batch_format="pyarrow", num_cpus=TASK_CPUS, compute=tasks,
                         fn_kwargs={"model": model, "max_length": cfg.max_seq_length})
     return ds.map_batches(
         ScoreModelActor, batch_size=window, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         fn_constructor_kwargs={"model": model, "use_gpu": cfg.use_gpu, "precision": cfg.precision,
                                "batch_size": cfg.eval_batch_size, "threads": cfg.cpus_per_worker,
                                "pad_id": load_tokenizer(model).pad_token_id or 0},
@@ -65,6 +65,22 @@ def part_path(output: Path, f: InputFile) -> Path:
     """Where a file's scores go: its path under the input root, as parquet."""
     rel = Path(f.rel)
     return output / (rel if f.fmt == "parquet" and rel.suffix == ".parquet" else rel.with_name(rel.name + ".parquet"))
+
+
+def model_actors(cfg: Config) -> int:
+    """`--num-workers` if given, else what the Ray cluster has: one actor per GPU, or one per
+    `--cpus-per-worker` CPUs (each with that many torch threads), so the default uses the whole machine."""
+    import ray
+
+    if cfg.num_actors:
+        return cfg.num_actors
+    have = ray.cluster_resources()
+    if not cfg.use_gpu:
+        return max(1, int(have.get("CPU", 1) // cfg.cpus_per_worker))
+    if have.get("GPU", 0) < 1:
+        raise ValueError(f"--use-gpu, but the Ray cluster has no GPU ({_resources(have)}); drop --use-gpu, or give "
+                         "--num-workers N to wait for N GPU actors")
+    return int(have["GPU"])
 
 
 def plan(cfg: Config, output: Path) -> tuple[list[InputFile], list[Path], list[dict], list[str]]:
@@ -96,7 +112,7 @@ def score_driver_fn(cfg: Config) -> dict:
     import pyarrow.parquet as pq
     import ray
 
-    from raysst.models import device_dtype, hardware, resolve_model
+    from raysst.models import device_dtype, resolve_model
     from raysst.runtime import init_ray
 
     t0 = time.perf_counter()
@@ -110,11 +126,13 @@ def score_driver_fn(cfg: Config) -> dict:
     if done:
         print(f"[raysst] score: resuming; {len(done)} of {len(done) + len(todo) + len(skipped)} files are "
               "already scored", flush=True)
-    totals = {"rows_in": 0, "rows": 0, "status": Counter(), "label": Counter(), "files": 0, "scored": 0}
+    totals = {"rows_in": 0, "rows": 0, "status": Counter(), "label": Counter(), "files": 0, "scored": 0,
+              "devices": Counter()}
     for part in done:
         rows = pq.read_metadata(part).num_rows
         _add(totals, {"rows": rows, **count_statuses(pq.read_table(part, columns=["status", "label"]))}, rows)
     init_ray()
+    cfg = cfg.replace(num_actors=model_actors(cfg))
     decoded: dict = {}
     if todo:
         _run(cfg, todo, model, output, skipped, totals, decoded, t0)
@@ -127,7 +145,8 @@ def score_driver_fn(cfg: Config) -> dict:
         "files_read": totals["files"], "files_resumed": len(done), "files_skipped": skipped,
         "files_ignored": ignored, "files_decoded": decoded, "wall_seconds": round(wall, 3),
         "rows_per_second": round(totals["scored"] / wall, 1),
-        "hardware": {"driver": hardware(), "model_actors": cfg.num_workers, "device": "cuda" if cfg.use_gpu else "cpu",
+        "hardware": {"model_actors": cfg.num_actors, "rows_by_actor_device": dict(totals["devices"]),
+                     "device": "cuda" if cfg.use_gpu else "cpu",
                      "dtype": str(device_dtype(cfg.use_gpu, cfg.precision) or "float32").replace("torch.", ""),
                      "cpus_per_actor": cfg.cpus_per_worker, "gpus_per_actor": int(cfg.use_gpu),
                      "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}},
@@ -166,6 +185,8 @@ def _run(cfg: Config, todo: list[InputFile], model: str, output: Path, skipped: 
     try:
         for block in build_pipeline(todo, cfg, model).iter_batches(batch_size=None, batch_format="pyarrow"):
             file_ids = block.column("file_id").to_numpy()
+            devices = block.column("device").to_pandas().value_counts()
+            totals["devices"].update({str(k): int(v) for k, v in devices.items() if v})
             for file_id in np.unique(file_ids).tolist():
                 part = block.filter(pa.array(file_ids == file_id))
                 first = part.slice(0, 1).to_pylist()[0]
@@ -194,6 +215,10 @@ def _run(cfg: Config, todo: list[InputFile], model: str, output: Path, skipped: 
         raise
     if pending:
         raise RuntimeError(f"rows of {[todo[i].path for i in pending]} are missing from the pipeline's output")
+
+
+def _resources(have: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in have.items() if k in ("CPU", "GPU")) or "nothing"
 
 
 def _user_error(e: BaseException) -> Optional[DataError]:

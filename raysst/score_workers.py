@@ -95,13 +95,15 @@ class ScoreModelActor:
     def __init__(self, model: str, use_gpu: bool, precision: str, batch_size: int, threads: int, pad_id: int):
         import torch
 
-        from raysst.models import device_dtype, load_classifier
+        from raysst.models import describe_device, device_dtype, device_info, load_classifier
 
         if not use_gpu:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = load_classifier(model, dtype=device_dtype(use_gpu, precision)).to(self.device).eval()
         self.batch_size, self.pad_id = batch_size, pad_id
+        # The driver may run on a CPU head node: what scored the rows is told by the actor itself.
+        self.device_name = pa.array([describe_device(device_info())])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
@@ -127,7 +129,9 @@ class ScoreModelActor:
         return (batch.drop_columns(["input_ids"])
                 .append_column("label", pa.array(labels.astype(object), pa.string(), mask=invalid))
                 .append_column("score", pa.array(probs.max(1).astype(np.float64), mask=invalid))
-                .append_column("prob_positive", pa.array(probs[:, 1].astype(np.float64), mask=invalid)))
+                .append_column("prob_positive", pa.array(probs[:, 1].astype(np.float64), mask=invalid))
+                .append_column("device", pa.DictionaryArray.from_arrays(np.zeros(len(lengths), np.int32),
+                                                                         self.device_name)))
 
 
 def write_part_task(f: InputFile, results: pa.Table, part: str) -> dict:

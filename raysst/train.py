@@ -27,8 +27,8 @@ def train_fn_per_worker(config: dict) -> None:
     from transformers import get_linear_schedule_with_warmup
 
     from raysst.data import length_grouped_batches
-    from raysst.models import (count_parameters, device_dtype, fetch_once_per_node, load_classifier, load_tokenizer,
-                               set_dropout)
+    from raysst.models import (count_parameters, describe_device, device_dtype, device_info, fetch_once_per_node,
+                               load_classifier, load_tokenizer, set_dropout)
     from raysst.tracking import Tracker
 
     run_id, n_train = config.pop("run_id"), config.pop("n_train")
@@ -129,6 +129,8 @@ def train_fn_per_worker(config: dict) -> None:
             "train_steps_per_second": step / train_time, "train_seconds": train_time,
             "train_samples": int(samples), "flops": 6 * n_params * tokens,
             "start_epoch": start_epoch, "run_id": run_id,
+            # Read here, on a worker: the driver may sit on a CPU head node while the workers hold the GPUs.
+            "workers": world, "hardware": describe_device(device_info()),
         })
         if rank == 0:
             tracker.log(history[-1], epoch * steps_per_epoch, "epoch/")

@@ -256,7 +256,7 @@ def test_evaluate_two_models_end_to_end(ray_local, tiny_model, trained_model, ss
 
     data = sst2_small / "validation.parquet"
     cfg = Config(models=[trained_model, tiny_model], input=str(data), output=str(tmp_path / "eval"),
-                 eval_batch_size=16)
+                 eval_batch_size=16, num_actors=1)
     reports = evaluate_driver_fn(cfg)
     names = model_names([trained_model, tiny_model])
     assert list(reports) == names
@@ -289,7 +289,7 @@ def test_string_labels_and_missing_label_column_end_to_end(ray_local, trained_mo
     as_words = rows.assign(label=rows["label"].map({0: "negative", 1: "positive"})).rename(columns={"label": "gold"})
     as_words.to_csv(tmp_path / "words.csv", index=False)
     cfg = Config(model=trained_model, input=str(tmp_path / "words.csv"), output=str(tmp_path / "out"),
-                 label_column="gold")
+                 label_column="gold", num_actors=1)
     report = evaluate_driver_fn(cfg)[model_names([trained_model])[0]]
     direct = direct_probabilities(trained_model, rows["sentence"].tolist())
     expected = compute_report(rows["sentence"], rows["label"], direct)
@@ -314,7 +314,7 @@ def test_training_report_into_model_dir(ray_local, trained_model, sst2_small, tm
     shutil.copytree(trained_model, model_dir)
     history = [{"epoch": e, "train_loss": 0.7 / e, "eval_loss": 0.6 / e, "accuracy": 0.5 + 0.1 * e,
                 "eval_samples": 101, "train_samples": 800} for e in (1, 2)]
-    cfg = Config(name="tiny", model=trained_model, eval_batch_size=32)
+    cfg = Config(name="tiny", model=trained_model, eval_batch_size=32, num_actors=1)
     metrics = {"epochs": history, "accuracy": 0.7, "best_epoch": 2, "hardware": "CPU", "total_flops": 1.0,
                **{f"train_{k}_per_second": 1.0 for k in ("samples", "tokens", "steps")}}
     (model_dir / "metrics.json").write_text(json.dumps(metrics))
@@ -332,3 +332,21 @@ def test_training_report_into_model_dir(ray_local, trained_model, sst2_small, tm
     assert card.index("## Evaluation report") < card.index("## Intended uses and limitations")
     for link in ("eval/report.md", "eval/training_curves.png", "eval/reliability_diagram.png"):
         assert f"({link})" in card
+
+
+@pytest.mark.timeout(300)
+def test_evaluate_job_uses_every_cpu_by_default(tiny_model, sst2_small, tmp_path):
+    """`jobs/evaluate.py` with no sizing flags, on its own local Ray: one single-threaded actor per CPU."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(root)}  # its own Ray, not the test's
+    proc = subprocess.run([sys.executable, "jobs/evaluate.py", "--model", tiny_model, "--data",
+                           str(sst2_small / "validation.parquet"), "--output", str(tmp_path / "out")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hw = json.loads((tmp_path / "out" / "report.json").read_text())["scoring"]["hardware"]
+    assert hw["model_actors"] == hw["cluster"]["CPU"] == os.cpu_count() and hw["cpus_per_actor"] == 1
+    assert sum(hw["rows_by_actor_device"].values()) == 101

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -13,56 +12,26 @@ from pathlib import Path
 
 import pytest
 
+from raysst.local_head import Head, start_head
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-# Jobs run `python` from the head's PATH: make it this interpreter, whatever the caller's PATH.
-# Ray 2.60 starts heads with token auth, but its CLI only sends ~/.ray/auth_token in token mode.
-# RAY_API_SERVER_ADDRESS (set for the in-process local Ray) would override `--address`: drop it.
-ENV = {k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}
-ENV.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{ENV.get('PATH', '')}",
-           RAY_AUTH_MODE=ENV.get("RAY_AUTH_MODE", "token"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A real head node on free ports; the process group is killed at the end (not `ray stop`,
-    which would stop every Ray on the machine)."""
-    # Every port free and explicit: the defaults (agent 52365, ...) clash with any other Ray on the machine,
-    # such as the in-process one of the other tests.
-    port, dash = free_port(), free_port()
-    ports = {f"--{name}": free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                   "metrics-export-port", "runtime-env-agent-port",
-                                                   "ray-client-server-port", "node-manager-port",
-                                                   "object-manager-port")}
-    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-                             "--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
-                             "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while subprocess.run([RAY, "job", "list", "--address", address], env=ENV, capture_output=True).returncode:
-        assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
-        time.sleep(2)
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+def ray_head():
+    """A real head node on free ports, with a token of its own when this HOME has none (as on a fresh machine);
+    only its process group is ended afterwards."""
+    head = start_head(num_cpus=4)
+    yield head
+    head.stop()
 
 
-def submit(address: str, *args: str, timeout: int = 400) -> str:
+def submit(head: Head, *args: str, timeout: int = 400) -> str:
     """Submit a job from the project root as a user would; return its logs, failing on a non-zero exit."""
-    env = {**ENV, "RAY_ADDRESS": address}
-    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", *args]
+    cmd = [RAY, "job", "submit", "--address", head.dashboard, "--working-dir", ".", "--", "python", *args]
     for _ in range(20):
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=timeout)
         if "No available agent to submit job" not in done.stderr + done.stdout:
             break
         time.sleep(3)  # the head's job agent starts a little after its dashboard answers
@@ -79,6 +48,10 @@ def test_submit_train_job(ray_head, tiny_model, sst2_small, tmp_path):
     assert f"model exported to {model_dir}" in out
     assert json.loads((model_dir / "metrics.json").read_text())["epochs"][0]["eval_samples"] == 101
     assert (model_dir / "model.safetensors").exists() and (model_dir / "README.md").exists()
+    # Read on the rank-0 worker (one torch thread), not on the driver.
+    hardware = json.loads((model_dir / "metrics.json").read_text())["hardware"]
+    assert hardware.startswith("2 worker(s), each on CPU (") and "1 thread(s) of" in hardware, hardware
+    assert hardware in (model_dir / "README.md").read_text()
 
 
 @pytest.mark.timeout(600)
@@ -99,3 +72,27 @@ def test_submit_score_job(ray_head, tiny_model, sst2_small, tmp_path):
     summary = json.loads((tmp_path / "scored" / "_summary.json").read_text())
     assert summary["rows_in"] == summary["rows_out"] == 101
     assert (tmp_path / "scored" / "validation.parquet").exists()
+
+
+@pytest.mark.timeout(600)
+def test_make_run_on_a_fresh_home_stops_only_its_own_head(ray_head, tiny_model, sst2_small, tmp_path):
+    """The README's first command, as a newcomer runs it: no ~/.ray, another Ray already on the machine."""
+    home, runs = tmp_path / "home", tmp_path / "runs"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    done = subprocess.run(["make", "-o", "setup", "run", f"VENV={Path(sys.executable).parents[1]}",
+                           f"DATA={sst2_small}", f"RUNS={runs}",
+                           f"ARGS=--max-train-samples 300 --model {tiny_model} --name smoke"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert (runs / "smoke" / "model" / "model.safetensors").exists() and "model exported to" in done.stdout
+    assert "Ray head stopped" in done.stdout and "ray stop" not in done.stdout + done.stderr
+    gcs = re.search(r"Ray head at (\S+),", done.stdout).group(1)
+    status = subprocess.run([RAY, "status", "--address", gcs], env={**env, "RAY_gcs_rpc_server_reconnect_timeout_s": "3"},
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode != 0, status.stdout  # its head is gone ...
+    listed = subprocess.run([RAY, "job", "list", "--address", ray_head.dashboard], env=ray_head.env,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr[-2000:]  # ... and the other Ray still answers
+    assert not (home / ".ray" / "auth_token").exists()  # its token lived and died with its head

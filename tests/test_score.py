@@ -107,7 +107,7 @@ def scored(tmp_path_factory, scoring_model, sst2_small, ray_local):
     root = tmp_path_factory.mktemp("score")
     expect = make_corpus(root / "in", sst2_small)
     cfg = Config(model=scoring_model, input=str(root / "in"), output=str(root / "out"), on_bad_file="skip",
-                 max_seq_length=MAX_LEN, eval_batch_size=8, num_workers=2)
+                 max_seq_length=MAX_LEN, eval_batch_size=8, num_actors=2)
     return cfg, expect, score_driver_fn(cfg)
 
 
@@ -174,7 +174,7 @@ def test_rerun_after_interruption_gives_one_row_per_input_row(scored):
     (out / "nested" / "b.parquet").unlink()
     (out / "d.jsonl.parquet").unlink()
     (out / "_tmp-deadbeef-a.parquet").write_bytes(b"PAR1 half a file")
-    summary = score_driver_fn(cfg.replace(num_workers=1))
+    summary = score_driver_fn(cfg.replace(num_actors=1))
     assert summary["files_resumed"] == len(expect) - 2 and summary["files_read"] == 2
     assert summary["rows_scored_this_run"] == len(expect["nested/b.parquet"]) + len(expect["d.jsonl"])
     assert summary["rows_out"] == first["rows_out"] and summary["status_counts"] == first["status_counts"]
@@ -188,7 +188,7 @@ def test_unreadable_file_fails_naming_it(tmp_path, scoring_model, sst2_small, ra
     (tmp_path / "in").mkdir()
     pd.read_parquet(sst2_small / "validation.parquet").head(5).to_parquet(tmp_path / "in" / "good.parquet")
     (tmp_path / "in" / "ragged.csv").write_text('sentence\n"fine"\n"unterminated\n')
-    cfg = Config(model=scoring_model, input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    cfg = Config(model=scoring_model, input=str(tmp_path / "in"), output=str(tmp_path / "out"), num_actors=1)
     with pytest.raises(DataError, match=r"ragged\.csv: could not be read as csv"):
         score_driver_fn(cfg)
     (tmp_path / "in" / "ragged.csv").unlink()
@@ -247,4 +247,10 @@ def test_job_command_line_end_to_end(tmp_path, scoring_model, sst2_small):
     assert "[raysst] score: 101 rows in" in proc.stdout
     out = read_scored(str(tmp_path / "out"))
     assert len(out) == 101 and out.idx.tolist() == list(range(101)) and out.status.eq("ok").all()
-    assert json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())["rows_out"] == 101
+    summary = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
+    assert summary["rows_out"] == 101
+    # No sizing flags: one single-threaded actor per CPU of the job's own local Ray (all of this machine's cores).
+    hw = summary["hardware"]
+    assert hw["model_actors"] == hw["cluster"]["CPU"] == os.cpu_count() and hw["cpus_per_actor"] == 1
+    assert sum(hw["rows_by_actor_device"].values()) == 101
+    assert all(name.startswith("CPU (") and "1 thread(s)" in name for name in hw["rows_by_actor_device"])

@@ -25,7 +25,7 @@ SST2 = str((ROOT.parent / "shared" / "data" / "sst2").resolve())
 
 def tiny_cfg(tiny_model, data, tmp_path, **kw) -> Config:
     base = dict(model=tiny_model, data=str(data), storage_path=str(tmp_path / "runs"), name="run",
-                num_workers=2, epochs=2, lr=1e-3, batch_size=16, eval_batch_size=32, log_every=10)
+                num_workers=2, epochs=2, lr=1e-3, batch_size=16, eval_batch_size=32, log_every=10, num_actors=1)
     return Config(**{**base, **kw})
 
 
