@@ -129,10 +129,9 @@ def wait_for_capacity(need: dict, count: int, what: str, hint: str, timeout_s: f
 
 
 def timed_out(need: dict, count: int, what: str, hint: str, waited_s: float) -> CapacityError:
-    """The error for nodes that did not come within --wait-for-nodes."""
+    """The error for workers that found no room within --wait-for-nodes (nodes did not come, or others hold them)."""
     return CapacityError(f"{explain(current_cluster(), need, count, what)}; after {waited_s:g} s the workers "
-                         f"still had no room. Raise --wait-for-nodes, check `ray status`, or {hint[0].lower()}"
-                         f"{hint[1:]}.")
+                         f"still had no room. Raise --wait-for-nodes, see `ray status`, or {hint[0].lower()}{hint[1:]}.")
 
 
 def explain(cluster: Cluster, need: dict, count: int, what: str) -> str:

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,27 @@ def test_tune_job_with_a_trial_too_big_for_the_machine_exits_at_once(tiny_model,
     cpus_available(done.stdout, 8)
     assert "Lower --workers-per-trial or --cpus-per-worker." in done.stdout
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_group_that_never_gets_room_fails_after_wait_for_nodes(ray_local, tiny_model, sst2_small, tmp_path):
+    """Ray Train V2 alone retries such a group forever; the run gives up after --wait-for-nodes."""
+    from raysst.config import TRAIN
+    from raysst.data import load_sst2, to_ray_datasets
+    from raysst.train import build_trainer, fit
+
+    from ray.util import placement_group, remove_placement_group
+
+    held = placement_group([{"CPU": 3}])  # of 4 CPUs: the worker's 2 fit the cluster, but not now
+    ray_local.get(held.ready())
+    cfg = Config(model=tiny_model, data=str(sst2_small), storage_path=str(tmp_path), name="stuck", epochs=1,
+                 cpus_per_worker=2, batch_size=16, wait_for_nodes=5)
+    train, validation = load_sst2(cfg.data, 64, cfg.seed)
+    started = time.monotonic()
+    try:
+        with pytest.raises(CapacityError, match=r"the run needs 1 worker\(s\) x \{CPU: 2\} = \{CPU: 2\}; the cluster "
+                                                r"has \{CPU: 4\} on 1 node.*after 5 s the workers still had no room"):
+            fit(build_trainer(cfg, to_ray_datasets(train, validation), len(train)), cfg, "the run", TRAIN)
+    finally:
+        remove_placement_group(held)
+    assert time.monotonic() - started < 90
