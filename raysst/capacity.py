@@ -18,7 +18,6 @@ from raysst.config import Config, flag_name
 NOW, AFTER_SCALE_UP = "fits now", "fits after scale-up"
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # written on the head by `ray up`; the autoscaler runs from it
 POLL_S = 5.0
-_UNMATCHED = ("memory", "object_store_memory")  # sizes Ray derives per node: not part of a node's shape
 
 
 class CapacityError(RuntimeError):
@@ -28,7 +27,6 @@ class CapacityError(RuntimeError):
 @dataclass(frozen=True)
 class NodeType:
     """A node the autoscaler may launch: its resources (None: not declared) and how many (None: no limit)."""
-
     name: str
     resources: Optional[dict]
     max_workers: Optional[int]
@@ -37,7 +35,6 @@ class NodeType:
 @dataclass
 class Cluster:
     """The total resources of each node alive now, and what the autoscaler may add."""
-
     nodes: list
     node_types: list = field(default_factory=list)
     max_workers: Optional[int] = None  # the autoscaler's cap on worker nodes over all types
@@ -65,10 +62,8 @@ def workers_now(cluster: Cluster, need: dict) -> float:
 
 
 def scaled_up(cluster: Cluster, need: dict) -> list:
-    """(resources, copies) of every node the cluster could have at most; copies may be math.inf.
-
-    Live nodes of an autoscaled type are replaced by that type's max_workers copies; types that hold the
-    most workers of `need` take the cluster-wide max_workers first."""
+    """(resources, copies) of the nodes the cluster could have at most (copies may be math.inf): live nodes of
+    an autoscaled type give way to its max_workers copies; the cluster-wide cap goes to the roomiest types."""
     types = [t for t in cluster.node_types if t.resources is not None]
     absorbed = dict.fromkeys((t.name for t in types), 0)
     groups = []
@@ -112,11 +107,11 @@ def check_fits(need: dict, count: int, what: str, hint: str, cluster: Optional[C
 def wait_for_capacity(need: dict, count: int, what: str, hint: str, timeout_s: float) -> None:
     """Return once the live nodes hold `count` workers of `need`; ask the autoscaler for them and poll
     for up to `timeout_s` if it must add nodes; CapacityError if it never can or they do not come."""
+    need = {k: v for k, v in need.items() if v}
     if check_fits(need, count, what, hint, wait_s=timeout_s) == NOW:
         return
     from ray.autoscaler.sdk import request_resources
 
-    need = {k: v for k, v in need.items() if v}
     request_resources(bundles=[need] * count)  # nothing else asks for them until the workers start
     deadline = time.monotonic() + timeout_s
     try:
@@ -182,12 +177,15 @@ def autoscaler_node_types() -> tuple:
         return [NodeType(g.name, dict(g.resources) or None, None if g.max_count == -1 else g.max_count)
                 for g in config.node_group_configs], None
     path = Path(BOOTSTRAP_CONFIG).expanduser()
-    if not path.is_file():
-        return [], None
+    return launcher_node_types(path) if path.is_file() else ([], None)
+
+
+def launcher_node_types(path: Path) -> tuple:
+    """(node types, cluster max_workers) of a cluster launcher YAML such as cluster.yaml."""
     import yaml
 
-    launcher = yaml.safe_load(path.read_text()) or {}
-    return [NodeType(name, dict(t.get("resources") or {}) or None, t.get("max_workers", 0))
+    launcher = yaml.safe_load(Path(path).read_text()) or {}
+    return [NodeType(name, dict(t.get("resources") or {}) or None, t.get("max_workers", 0))  # Ray's defaults
             for name, t in (launcher.get("available_node_types") or {}).items()], launcher.get("max_workers")
 
 
@@ -205,4 +203,5 @@ def _total(groups: list, need: dict) -> dict:
 
 
 def _same_shape(node: dict, resources: dict) -> bool:
-    return all(abs(node.get(k, 0) - v) < 1e-6 for k, v in resources.items() if k not in _UNMATCHED)
+    # memory and object store sizes are what Ray derives on each node, not part of its type's shape
+    return all(abs(node.get(k, 0) - v) < 1e-6 for k, v in resources.items() if k not in ("memory", "object_store_memory"))

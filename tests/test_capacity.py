@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from raysst.capacity import (AFTER_SCALE_UP, NOW, CapacityError, Cluster, NodeType, check_fits, workers_at_most,
-                             workers_now)
+from raysst.capacity import (AFTER_SCALE_UP, NOW, CapacityError, Cluster, NodeType, check_fits, launcher_node_types,
+                             workers_at_most, workers_now)
 from raysst.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +25,13 @@ TYPES = [NodeType("ray.head.cpu", {"CPU": 8, "GPU": 0}, 0), NodeType("ray.worker
 
 def aws(*workers: dict) -> Cluster:
     return Cluster([HEAD, *workers], TYPES, max_workers=4)
+
+
+@pytest.mark.parametrize("launcher", ["cluster.yaml", "cluster-gcp.yaml"])
+def test_node_types_read_from_the_cluster_launcher_config(launcher):
+    types, cap = launcher_node_types(ROOT / launcher)
+    assert [(t.resources, t.max_workers) for t in types] == [(t.resources, t.max_workers) for t in TYPES]
+    assert cap == 4
 
 
 def test_two_gpu_trials_on_cluster_yaml_run_sixteen_at_a_time(capsys):
