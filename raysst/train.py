@@ -205,15 +205,15 @@ def _report(history, epoch, model, tokenizer, optimizer, scheduler, scaler, rank
 def build_trainer(cfg: Config, datasets: dict, n_train: int, callbacks: Optional[list] = None):
     """The TorchTrainer for one training run (used directly by train and inside each Tune trial).
 
-    Ray Train V2 waits 60 s for a worker group's placement group, then retries without end
-    (controller_failure_limit -1). Here it waits `wait_for_nodes` s once, then fails: that placement
-    group is what asks the autoscaler for nodes. The timeout is read from this process's environment
-    at fit(), which also passes it to Train's controller.
+    Ray Train V2 waits 60 s for a worker group's placement group (what asks the autoscaler for nodes), then
+    retries it without end. Here its tries (1 + max_failures, the run's retry budget) share `wait_for_nodes`
+    s, so a group that finds no room fails in time. Train reads the timeout from this process's environment
+    at fit() and passes it on to its controller.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    os.environ[START_TIMEOUT_ENV] = str(cfg.wait_for_nodes)
+    os.environ[START_TIMEOUT_ENV] = str(cfg.wait_for_nodes / (cfg.max_failures + 1))
     loop_config = {**cfg.to_dict(), "n_train": n_train, "run_id": uuid.uuid4().hex[:8]}
     return TorchTrainer(
         train_fn_per_worker,
@@ -225,7 +225,8 @@ def build_trainer(cfg: Config, datasets: dict, n_train: int, callbacks: Optional
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                          checkpoint_score_attribute="accuracy",
                                                          checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=0),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                   controller_failure_limit=cfg.max_failures),
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
         datasets=datasets,

@@ -105,7 +105,7 @@ def cpus_available(out: str, needed: int) -> None:
 @pytest.mark.timeout(120)
 def test_train_job_too_big_for_the_machine_exits_at_once(tiny_model, sst2_small, tmp_path):
     done = run_job("jobs/train.py", "--model", tiny_model, "--data", str(sst2_small), "--num-workers", "3",
-                      "--cpus-per-worker", "2", "--batch-size", "24", "--storage-path", str(tmp_path))
+                   "--cpus-per-worker", "2", "--batch-size", "24", "--storage-path", str(tmp_path))
     assert done.returncode != 0
     assert "train: the run needs 3 worker(s) x {CPU: 2} = {CPU: 6}; " in done.stdout, done.stdout[-3000:]
     cpus_available(done.stdout, 6)
@@ -117,7 +117,7 @@ def test_train_job_too_big_for_the_machine_exits_at_once(tiny_model, sst2_small,
 def test_tune_job_with_a_trial_too_big_for_the_machine_exits_at_once(tiny_model, sst2_small, tmp_path):
     # 4 workers, not 3: tune has no --batch-size flag, and the default 32 must split over the workers.
     done = run_job("jobs/tune.py", "--model", tiny_model, "--data", str(sst2_small), "--workers-per-trial", "4",
-                      "--cpus-per-worker", "2", "--batch-sizes", "16,32", "--storage-path", str(tmp_path))
+                   "--cpus-per-worker", "2", "--batch-sizes", "16,32", "--storage-path", str(tmp_path))
     assert done.returncode != 0
     assert "tune: a trial needs 4 worker(s) x {CPU: 2} = {CPU: 8}; " in done.stdout, done.stdout[-3000:]
     cpus_available(done.stdout, 8)
@@ -128,11 +128,11 @@ def test_tune_job_with_a_trial_too_big_for_the_machine_exits_at_once(tiny_model,
 @pytest.mark.timeout(180)
 def test_a_worker_group_that_never_gets_room_fails_after_wait_for_nodes(ray_local, tiny_model, sst2_small, tmp_path):
     """Ray Train V2 alone retries such a group forever; the run gives up after --wait-for-nodes."""
+    from ray.util import placement_group, remove_placement_group
+
     from raysst.config import TRAIN
     from raysst.data import load_sst2, to_ray_datasets
     from raysst.train import build_trainer, fit
-
-    from ray.util import placement_group, remove_placement_group
 
     held = placement_group([{"CPU": 3}])  # of 4 CPUs: the worker's 2 fit the cluster, but not now
     ray_local.get(held.ready())
