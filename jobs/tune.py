@@ -11,11 +11,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir of `ray job submit`
 
+from raysst.capacity import CapacityError  # noqa: E402
 from raysst.config import TUNE, parse_config  # noqa: E402
-from raysst.tune import ResourceError, tune_driver_fn  # noqa: E402
+from raysst.tune import tune_driver_fn  # noqa: E402
 
 if __name__ == "__main__":
     try:
         tune_driver_fn(parse_config(TUNE, description=__doc__))
-    except ResourceError as e:
+    except CapacityError as e:
         sys.exit(f"tune: {e}")

@@ -62,6 +62,8 @@ class Config:
     # Fault tolerance and logging.
     keep_checkpoints: int = _f(2, "checkpoints kept, best by validation accuracy")
     max_failures: int = _f(3, "worker-group restarts from the latest checkpoint before giving up")
+    wait_for_nodes: int = _f(1800, "seconds to wait for the workers' resources (the autoscaler adding nodes) before "
+                             "failing", (TRAIN, TUNE, SCORE))
     log_every: int = _f(50, "log one line every N optimizer steps")
     mlflow_uri: Optional[str] = _f(None, "also log to this MLflow tracking URI")
     # Tune.
@@ -104,6 +106,7 @@ class Config:
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "at least 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "at least 1")
         _check(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")
+        _check(self.wait_for_nodes >= 1, "wait_for_nodes", self.wait_for_nodes, "at least 1 (seconds)")
         _check(self.log_every >= 1, "log_every", self.log_every, "at least 1")
         _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
         _check(self.num_samples >= 1, "num_samples", self.num_samples, "at least 1")
@@ -182,7 +185,7 @@ def build_parser(job: str, description: str = "") -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         if job not in f.metadata["jobs"] and job not in f.metadata["flag"]:
             continue
-        flag = "--" + f.metadata["flag"].get(job, f.name.replace("_", "-"))
+        flag = flag_name(job, f.name)
         kind = _field_type(f)
         kwargs: dict = {"dest": f.name, "default": None, "help": f"{f.metadata['help']} (default: {f.default!r})"
                         if f.default is not dataclasses.MISSING else f.metadata["help"]}
@@ -197,6 +200,12 @@ def build_parser(job: str, description: str = "") -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, type=kind, **kwargs)
     return parser
+
+
+def flag_name(job: str, name: str) -> str:
+    """The flag through which `job` sets the field `name`, e.g. `--workers-per-trial` for tune's num_workers."""
+    f = next(f for f in dataclasses.fields(Config) if f.name == name)
+    return "--" + f.metadata["flag"].get(job, name.replace("_", "-"))
 
 
 def parse_config(job: str, argv: Optional[Sequence[str]] = None, description: str = "") -> Config:

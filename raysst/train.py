@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 import uuid
@@ -14,10 +15,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from raysst.config import Config
+from raysst.capacity import check_fits, lower_hint, timed_out, worker_resources
+from raysst.config import TRAIN, Config
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train V2's placement-group wait
+RUN = "the run"  # how errors name one training run
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -201,28 +205,49 @@ def _report(history, epoch, model, tokenizer, optimizer, scheduler, scaler, rank
 
 
 def build_trainer(cfg: Config, datasets: dict, n_train: int, callbacks: Optional[list] = None):
-    """The TorchTrainer for one training run (used directly by train and inside each Tune trial)."""
+    """The TorchTrainer for one training run (used directly by train and inside each Tune trial).
+
+    Ray Train V2 waits 60 s for a worker group's placement group (what asks the autoscaler for nodes), then
+    retries it without end. Here its tries (1 + max_failures, the run's retry budget) share `wait_for_nodes`
+    s, so a group that finds no room fails in time. Train reads the timeout from this process's environment
+    at fit() and passes it on to its controller.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    os.environ[START_TIMEOUT_ENV] = str(cfg.wait_for_nodes / (cfg.max_failures + 1))
     loop_config = {**cfg.to_dict(), "n_train": n_train, "run_id": uuid.uuid4().hex[:8]}
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=cfg.storage_path, callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                          checkpoint_score_attribute="accuracy",
                                                          checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                   controller_failure_limit=cfg.max_failures),
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def fit(trainer, cfg: Config, what: str, job: str):
+    """`trainer.fit()`; a worker group that found no room within `wait_for_nodes` s raises CapacityError."""
+    import ray.train
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    try:
+        return trainer.fit()
+    except ray.train.ControllerError as e:
+        if isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+            raise timed_out(worker_resources(cfg), cfg.num_workers, what, lower_hint(cfg, job),
+                            cfg.wait_for_nodes) from e
+        raise
 
 
 def worker_env(cfg: Config) -> dict:
@@ -247,9 +272,10 @@ def train_driver_fn(cfg: Config) -> str:
 
     require_mlflow(cfg)
     init_ray()
+    check_fits(worker_resources(cfg), cfg.num_workers, RUN, lower_hint(cfg, TRAIN), wait_s=cfg.wait_for_nodes)
     train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
     print(f"[raysst] data: {len(train)} train, {len(validation)} validation rows from {cfg.data}", flush=True)
-    result = build_trainer(cfg, to_ray_datasets(train, validation), len(train)).fit()
+    result = fit(build_trainer(cfg, to_ray_datasets(train, validation), len(train)), cfg, RUN, TRAIN)
     model_dir = export_run(result, cfg)
     print(f"[raysst] model exported to {model_dir}", flush=True)
     training_report(model_dir, validation, cfg=cfg)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 from ray.tune import Callback
 
-from raysst.config import Config
+from raysst.capacity import Cluster, check_fits, current_cluster, fmt, lower_hint, workers_at_most, worker_resources
+from raysst.config import TUNE, Config
 from raysst.export import export_checkpoint
 from raysst.train import HISTORY_FILE
 
@@ -23,39 +24,18 @@ TRIAL_RUNS = "train_runs"
 # A trial's driver only launches and watches its Train run, so it reserves no CPU: one that held a
 # CPU could leave another trial's workers pending. A bundle must hold something, so it holds memory.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 1024**2}
+TRIAL = "a trial"  # how errors name one trial
 TRIAL_COLUMNS = ["trial_id", "lr", "batch_size", "epochs_run", "best_epoch", "best_accuracy", "eval_loss",
                  "status", "wall_time_s", "error"]
 
 
-class ResourceError(RuntimeError):
-    """A single trial needs more than the whole cluster has."""
-
-
-def worker_resources(cfg: Config) -> dict:
-    """What one Ray Train worker of a trial reserves."""
-    return {"CPU": cfg.cpus_per_worker, "GPU": 1 if cfg.use_gpu else 0}
-
-
-def trials_that_fit(cfg: Config, nodes: list) -> int:
-    """How many trials can hold all their workers at once, given each node's resources."""
+def concurrent_trials(cfg: Config, cluster: Cluster) -> int:
+    """Trials to run at once: as many as the cluster holds once scaled up, capped by --max-concurrent-trials
+    and the sample count; CapacityError if not even one trial ever fits."""
     need = worker_resources(cfg)
-    slots = sum(min(node.get(k, 0) // v for k, v in need.items() if v) for node in nodes)
-    return int(slots // cfg.num_workers)
-
-
-def concurrent_trials(cfg: Config, nodes: list) -> int:
-    """Trials to run at once: what fits, capped by --max-concurrent-trials and the sample count."""
-    fit = trials_that_fit(cfg, nodes)
-    if fit < 1:
-        need = worker_resources(cfg)
-        total = {k: sum(n.get(k, 0) for n in nodes) for k in need}
-        largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-        raise ResourceError(
-            f"one trial cannot fit on this cluster: a trial needs {cfg.num_workers} worker(s) x {_fmt(need)} = "
-            f"{_fmt({k: v * cfg.num_workers for k, v in need.items()})}, but the cluster has {_fmt(total)} over "
-            f"{len(nodes)} node(s) (largest node: {_fmt({k: largest.get(k, 0) for k in need})}). "
-            f"Lower --workers-per-trial or --cpus-per-worker, or use --no-use-gpu.")
-    return min(fit, cfg.max_concurrent_trials or fit, cfg.num_samples)
+    check_fits(need, cfg.num_workers, TRIAL, lower_hint(cfg, TUNE), cluster, wait_s=cfg.wait_for_nodes)
+    fit = workers_at_most(cluster, need) // cfg.num_workers
+    return int(min(fit, cfg.max_concurrent_trials or fit, cfg.num_samples))
 
 
 def search_space(cfg: Config) -> dict:
@@ -73,12 +53,12 @@ def train_driver_fn_per_trial(config: dict, base: Config, datasets: dict, n_trai
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raysst.train import build_trainer
+    from raysst.train import build_trainer, fit
 
     trial_id = ray.tune.get_context().get_trial_id()
     # Train resumes a run by (storage_path, name): the trial id keeps both stable across sweep restarts.
     cfg = base.replace(**config, storage_path=posixpath.join(sweep_dir(base), TRIAL_RUNS), name=trial_id)
-    build_trainer(cfg, datasets, n_train, callbacks=[TuneReportCallback()]).fit()
+    fit(build_trainer(cfg, datasets, n_train, callbacks=[TuneReportCallback()]), cfg, TRIAL, TUNE)
 
 
 def sweep_dir(cfg: Config) -> str:
@@ -93,7 +73,6 @@ def trial_run(cfg: Config, trial_id: str) -> str:
 
 def tune_driver_fn(cfg: Config) -> str:
     """Run the sweep, or resume it if `<storage_path>/<name>` holds one; write its outputs; return that dir."""
-    import ray
     from ray import tune
 
     from raysst.data import load_sst2, to_ray_datasets
@@ -102,7 +81,7 @@ def tune_driver_fn(cfg: Config) -> str:
     for b in cfg.batch_sizes:  # a size the workers cannot split fails now, not in the fifth trial
         cfg.replace(batch_size=b)
     init_ray()
-    concurrency = concurrent_trials(cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    concurrency = concurrent_trials(cfg, current_cluster())
     train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
     _say(f"data: {len(train)} train, {len(validation)} validation rows from {cfg.data}")
     # Loaded once here; every trial's Train run reads the same Ray Datasets from the object store.
@@ -115,7 +94,7 @@ def tune_driver_fn(cfg: Config) -> str:
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         _say(f"sweep {cfg.name}: {cfg.num_samples} trials, {concurrency} at a time, each {cfg.num_workers} "
-             f"worker(s) x {_fmt(worker_resources(cfg))}; search {cfg.search}, scheduler {cfg.scheduler}")
+             f"worker(s) x {fmt(worker_resources(cfg))}; search {cfg.search}, scheduler {cfg.scheduler}")
         tuner = tune.Tuner(trainable, param_space=search_space(cfg), tune_config=_tune_config(cfg, concurrency),
                            run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.storage_path, verbose=1,
                                                      callbacks=[ProgressLines()]))
@@ -242,10 +221,6 @@ def plot_sweep(trials: pd.DataFrame, out: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
-
-
-def _fmt(resources: dict) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items() if v or k == "CPU") + "}"
 
 
 class ProgressLines(Callback):

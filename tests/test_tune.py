@@ -158,32 +158,34 @@ def test_optuna_search_runs(ray_local, tiny_model, sst2_small, tmp_path):
 @pytest.mark.timeout(60)
 def test_trial_too_big_for_the_cluster_fails_at_once_with_needs_and_haves(ray_local, tiny_model, sst2_small,
                                                                           tmp_path):
-    from raysst.tune import ResourceError, tune_driver_fn
+    from raysst.capacity import CapacityError
+    from raysst.tune import tune_driver_fn
 
     cfg = sweep_cfg(tiny_model, sst2_small, tmp_path, num_workers=2, cpus_per_worker=3)
     started = time.monotonic()
-    with pytest.raises(ResourceError) as e:
+    with pytest.raises(CapacityError) as e:
         tune_driver_fn(cfg)
     assert time.monotonic() - started < 30
-    assert ("a trial needs 2 worker(s) x {CPU: 3} = {CPU: 6}, but the cluster has {CPU: 4} over 1 node(s)"
-            in str(e.value))
-    with pytest.raises(ResourceError, match=r"x \{CPU: 1, GPU: 1\} = \{CPU: 1, GPU: 1\}.*has \{CPU: 4\}"):
+    assert ("a trial needs 2 worker(s) x {CPU: 3} = {CPU: 6}; the cluster has {CPU: 4} on 1 node, room for 1 "
+            "such worker(s), and no autoscaler to add more. Lower --workers-per-trial" in str(e.value))
+    with pytest.raises(CapacityError, match=r"x \{CPU: 1, GPU: 1\} = \{CPU: 1, GPU: 1\}.*has \{CPU: 4\}.*--no-use-gpu"):
         tune_driver_fn(cfg.replace(num_workers=1, cpus_per_worker=1, use_gpu=True))
     assert not (tmp_path / "sweep").exists()  # nothing was started
 
 
 def test_concurrency_counts_whole_workers_per_node():
-    from raysst.tune import ResourceError, concurrent_trials, trials_that_fit
+    from raysst.capacity import CapacityError, Cluster
+    from raysst.tune import concurrent_trials
 
     cfg = Config(num_workers=2, cpus_per_worker=2)
-    assert trials_that_fit(cfg, [{"CPU": 3}, {"CPU": 3}]) == 1  # 6 CPUs, but a node holds one 2-CPU worker
-    assert trials_that_fit(cfg, [{"CPU": 8}, {"CPU": 4}]) == 3
+    assert concurrent_trials(cfg, Cluster([{"CPU": 3}, {"CPU": 3}])) == 1  # 6 CPUs, but a node holds one worker
+    assert concurrent_trials(cfg, Cluster([{"CPU": 8}, {"CPU": 4}])) == 3
     gpu = cfg.replace(use_gpu=True)
-    assert trials_that_fit(gpu, [{"CPU": 64, "GPU": 8}, {"CPU": 16}]) == 4
-    assert concurrent_trials(gpu.replace(max_concurrent_trials=2), [{"CPU": 64, "GPU": 8}]) == 2
-    assert concurrent_trials(gpu.replace(num_samples=3), [{"CPU": 64, "GPU": 8}]) == 3
-    with pytest.raises(ResourceError, match=r"has \{CPU: 64\} over 1 node"):
-        concurrent_trials(gpu, [{"CPU": 64}])
+    assert concurrent_trials(gpu, Cluster([{"CPU": 64, "GPU": 8}, {"CPU": 16}])) == 4
+    assert concurrent_trials(gpu.replace(max_concurrent_trials=2), Cluster([{"CPU": 64, "GPU": 8}])) == 2
+    assert concurrent_trials(gpu.replace(num_samples=3), Cluster([{"CPU": 64, "GPU": 8}])) == 3
+    with pytest.raises(CapacityError, match=r"has \{CPU: 64\} on 1 node"):
+        concurrent_trials(gpu, Cluster([{"CPU": 64}]))
 
 
 def test_bad_sweep_settings_fail_before_anything_starts(tiny_model, sst2_small, tmp_path, capsys):
