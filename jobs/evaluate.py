@@ -9,8 +9,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir of `ray job submit`
 
+from raysst.capacity import CapacityError  # noqa: E402
 from raysst.config import EVAL, parse_config  # noqa: E402
 from raysst.evaluate import evaluate_driver_fn  # noqa: E402
 
 if __name__ == "__main__":
-    evaluate_driver_fn(parse_config(EVAL, description=__doc__))
+    try:
+        evaluate_driver_fn(parse_config(EVAL, description=__doc__))
+    except CapacityError as e:
+        sys.exit(f"evaluate: {e}")

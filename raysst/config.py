@@ -63,7 +63,7 @@ class Config:
     keep_checkpoints: int = _f(2, "checkpoints kept, best by validation accuracy")
     max_failures: int = _f(3, "worker-group restarts from the latest checkpoint before giving up")
     wait_for_nodes: int = _f(1800, "seconds to wait for the workers' resources (the autoscaler adding nodes) before "
-                             "failing", (TRAIN, TUNE, SCORE))
+                             "failing", ALL)
     log_every: int = _f(50, "log one line every N optimizer steps")
     mlflow_uri: Optional[str] = _f(None, "also log to this MLflow tracking URI")
     # Tune.

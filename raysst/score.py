@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raysst.capacity import CapacityError, wait_for_capacity
 from raysst.config import Config, expand_path
 from raysst.corpus import InputFile, UnreadableFile, list_input_files, scan_file
 from raysst.data import LABEL_NAMES, DataError
@@ -78,8 +79,8 @@ def model_actors(cfg: Config) -> int:
     if not cfg.use_gpu:
         return max(1, int(have.get("CPU", 1) // cfg.cpus_per_worker))
     if have.get("GPU", 0) < 1:
-        raise ValueError(f"--use-gpu, but the Ray cluster has no GPU ({_resources(have)}); drop --use-gpu, or give "
-                         "--num-workers N to wait for N GPU actors")
+        raise CapacityError(f"--use-gpu, but the Ray cluster has no GPU now ({_resources(have)}); drop --use-gpu, "
+                            "or give --num-workers N to wait for the autoscaler to add N GPUs")
     return int(have["GPU"])
 
 
@@ -133,6 +134,10 @@ def score_driver_fn(cfg: Config) -> dict:
         _add(totals, {"rows": rows, **count_statuses(pq.read_table(part, columns=["status", "label"]))}, rows)
     init_ray()
     cfg = cfg.replace(num_actors=model_actors(cfg))
+    # Ray Data would wait without end for actors that find no room: fail now, or wait for the autoscaler.
+    wait_for_capacity({"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}, cfg.num_actors,
+                      "scoring", "Lower --num-workers or --cpus-per-worker" + (", or drop --use-gpu" * cfg.use_gpu),
+                      cfg.wait_for_nodes)
     decoded: dict = {}
     if todo:
         _run(cfg, todo, model, output, skipped, totals, decoded, t0)

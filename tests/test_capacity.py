@@ -125,6 +125,17 @@ def test_tune_job_with_a_trial_too_big_for_the_machine_exits_at_once(tiny_model,
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.timeout(120)
+def test_score_job_with_an_actor_too_big_for_the_machine_exits_at_once(tiny_model, sst2_small, tmp_path):
+    done = run_job("jobs/score.py", "--model", tiny_model, "--input", str(sst2_small / "validation.parquet"),
+                   "--output", str(tmp_path / "out"), "--num-workers", "1", "--cpus-per-worker", "3")
+    assert done.returncode != 0
+    assert "score: scoring needs 1 worker(s) x {CPU: 3} = {CPU: 3}; " in done.stdout, done.stdout[-3000:]
+    cpus_available(done.stdout, 3)
+    assert "Lower --num-workers or --cpus-per-worker." in done.stdout
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.timeout(180)
 def test_a_worker_group_that_never_gets_room_fails_after_wait_for_nodes(ray_local, tiny_model, sst2_small, tmp_path):
     """Ray Train V2 alone retries such a group forever; the run gives up after --wait-for-nodes."""
