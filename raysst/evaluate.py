@@ -19,8 +19,8 @@ import pandas as pd
 
 from raysst.config import Config
 from raysst.data import LABEL_NAMES, DataError, find_text_column, normalize_labels
-from raysst.report import (CURVES, FIGURES, card_section, local_dir, read_text, report_markdown, with_card_section,
-                           write_comparison, write_text)
+from raysst.report import CURVES, FIGURES, card_section, report_markdown, with_card_section, write_comparison
+from raysst.storage import local_dir, read_text, write_text
 from raysst.score_workers import OUTPUT_COLUMNS
 
 N_BINS = 10

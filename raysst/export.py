@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from raysst.config import Config
-from raysst.train import HISTORY_FILE, STATE_FILE
+from raysst.storage import HISTORY_FILE, STATE_FILE, copy_to
 
 
 def export_run(result, cfg: Config, dest: Optional[str] = None) -> str:
@@ -46,23 +46,6 @@ def export_checkpoint(checkpoint, history: list, cfg: Config, dest: str) -> str:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "README.md").write_text(model_card(metrics, cfg))
         return copy_to(out, dest)
-
-
-def copy_to(local_dir: Path, dest: str) -> str:
-    """Replace `dest` (a local path or a pyarrow-supported URI such as s3://) with `local_dir`."""
-    if "://" not in dest:
-        tmp = Path(dest).with_name(Path(dest).name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(local_dir, tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)  # the directory appears whole or not at all
-        return dest
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(dest)
-    fs.create_dir(path, recursive=True)
-    pyarrow.fs.copy_files(str(local_dir), path, destination_filesystem=fs)
-    return dest
 
 
 def model_card(metrics: dict, cfg: Config) -> str:

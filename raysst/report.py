@@ -1,55 +1,15 @@
-"""Evaluation reports as Markdown (one model, a comparison, a model card section) and their file I/O.
-
-Outputs may go to a local directory or a URI such as s3://; pyarrow's filesystems cover both.
-"""
+"""Evaluation reports as Markdown: one model, a comparison, a model card section."""
 
 from __future__ import annotations
 
 import json
 import posixpath
-import tempfile
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
+
+from raysst.storage import local_dir
 
 FIGURES = {"confusion": "confusion_matrix.png", "reliability": "reliability_diagram.png",
            "length": "accuracy_by_length.png"}
 CURVES = "training_curves.png"
-
-
-def _fs(path: str):
-    import pyarrow.fs
-
-    if "://" in path:
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().absolute())
-
-
-def read_text(path: str) -> str:
-    fs, p = _fs(path)
-    with fs.open_input_stream(p) as f:
-        return f.read().decode()
-
-
-def write_text(path: str, text: str) -> None:
-    fs, p = _fs(path)
-    fs.create_dir(posixpath.dirname(p), recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode())
-
-
-@contextmanager
-def local_dir(dest: str) -> Iterator[Path]:
-    """`dest` itself when local; for a URI, a temporary directory copied into `dest` at the end."""
-    if "://" not in dest:
-        Path(dest).mkdir(parents=True, exist_ok=True)
-        yield Path(dest)
-        return
-    from raysst.export import copy_to
-
-    with tempfile.TemporaryDirectory() as tmp:
-        yield Path(tmp)
-        copy_to(Path(tmp), dest)  # to a URI this copies into the directory, keeping what is there
 
 
 def _pct(x) -> str:

@@ -17,9 +17,8 @@ import torch
 
 from raysst.capacity import check_fits, lower_hint, timed_out, worker_resources
 from raysst.config import TRAIN, Config
+from raysst.storage import HISTORY_FILE, STATE_FILE
 
-STATE_FILE = "train_state.pt"
-HISTORY_FILE = "history.json"
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train V2's placement-group wait
 RUN = "the run"  # how errors name one training run
 

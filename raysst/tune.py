@@ -18,7 +18,7 @@ from ray.tune import Callback
 from raysst.capacity import Cluster, check_fits, current_cluster, fmt, lower_hint, workers_at_most, worker_resources
 from raysst.config import TUNE, Config
 from raysst.export import export_checkpoint
-from raysst.train import HISTORY_FILE
+from raysst.storage import HISTORY_FILE
 
 TRIAL_RUNS = "train_runs"
 # A trial's driver only launches and watches its Train run, so it reserves no CPU: one that held a

@@ -1,0 +1,64 @@
+"""Files in local directories and behind URIs (s3://, gs://) alike, through pyarrow's filesystems; and the
+names of the files a training checkpoint holds beside the model. The lowest layer: it imports no raysst module."""
+
+from __future__ import annotations
+
+import posixpath
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+STATE_FILE = "train_state.pt"  # optimizer, schedule and scaler state, the epoch and the history
+HISTORY_FILE = "history.json"  # one row of metrics per epoch, readable without torch
+
+
+def _fs(path: str):
+    import pyarrow.fs
+
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().absolute())
+
+
+def read_text(path: str) -> str:
+    fs, p = _fs(path)
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
+
+
+def write_text(path: str, text: str) -> None:
+    fs, p = _fs(path)
+    fs.create_dir(posixpath.dirname(p), recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+@contextmanager
+def local_dir(dest: str) -> Iterator[Path]:
+    """`dest` itself when local; for a URI, a temporary directory copied into `dest` at the end."""
+    if "://" not in dest:
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        yield Path(dest)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+        copy_to(Path(tmp), dest)  # to a URI this copies into the directory, keeping what is there
+
+
+def copy_to(local_dir: Path, dest: str) -> str:
+    """Replace `dest` (a local path or a pyarrow-supported URI such as s3://) with `local_dir`."""
+    if "://" not in dest:
+        tmp = Path(dest).with_name(Path(dest).name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(local_dir, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)  # the directory appears whole or not at all
+        return dest
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(dest)
+    fs.create_dir(path, recursive=True)
+    pyarrow.fs.copy_files(str(local_dir), path, destination_filesystem=fs)
+    return dest
