@@ -4,6 +4,7 @@
     python bench/bench_score.py scale   # tiny model: rows/s and peak memory as the corpus grows 10x
     python bench/bench_score.py gpu     # bert-base-shaped model, bf16, on the GPUs of this machine
     python bench/bench_score.py whole   # `jobs/score.py` with default flags vs a pipeline script, whole processes
+    python bench/bench_score.py whole --precision int8   # the same, the job's Linear layers in dynamic int8
 
 The job's rows/s include starting its actors and loading the model (not starting Ray); the pipeline's
 include only inference. Both run in the same process, one after the other, `--repeats` times.
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from raysst.config import PACKAGED_MINILM, Config  # noqa: E402
+from raysst.config import PACKAGED_MINILM, PRECISIONS, Config  # noqa: E402
 from raysst.score import read_scored, score_driver_fn  # noqa: E402
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
@@ -186,8 +187,9 @@ pd.DataFrame({"sentence": texts, "label": labels}).to_parquet(sys.argv[3])
 
 
 def bench_whole(args, work: Path) -> None:
-    """What a user feels: `python jobs/score.py` with no sizing flags (its own Ray start included) against a
-    script that reads the same file, runs `pipeline(batch_size=32)` and writes parquet, on validation sentences."""
+    """What a user feels: `python jobs/score.py` with no sizing flags (its own Ray start included) and
+    `--precision` against a script that reads the same file, runs `pipeline(batch_size=32)` (fp32) and writes
+    parquet, on validation sentences."""
     import subprocess
 
     val = pd.read_parquet(SST2 / "validation.parquet").sentence.tolist()
@@ -197,7 +199,8 @@ def bench_whole(args, work: Path) -> None:
     pd.DataFrame({"sentence": texts}).to_parquet(data)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     root = Path(__file__).resolve().parents[1]
-    print(f"whole: {len(texts):,} SST-2 validation sentences (repeated), {os.cpu_count()} CPUs; {load()}", flush=True)
+    print(f"whole: {len(texts):,} SST-2 validation sentences (repeated), {os.cpu_count()} CPUs, job --precision "
+          f"{args.precision}; {load()}", flush=True)
     for rep in range(args.repeats):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT, model, str(data), str(work / f"pipe_{rep}.parquet")],
@@ -205,13 +208,15 @@ def bench_whole(args, work: Path) -> None:
         pipe_s = time.perf_counter() - t0
         out = work / f"whole_out_{rep}"
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "jobs/score.py", "--model", model, "--input", str(data), "--output", str(out)],
-                       cwd=root, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "jobs/score.py", "--model", model, "--input", str(data), "--output", str(out),
+                        "--precision", args.precision], cwd=root, env=env, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
         job_s = time.perf_counter() - t0
         summary = json.loads((out / "_summary.json").read_text())
         agree = np.mean(read_scored(str(out)).label.to_numpy() == pd.read_parquet(work / f"pipe_{rep}.parquet").label)
         print(f"  run {rep + 1}: pipeline script {pipe_s:.1f} s | jobs/score.py {job_s:.1f} s "
               f"({summary['hardware']['model_actors']} actor(s) x {summary['hardware']['cpus_per_actor']} thread(s), "
+              f"{summary['hardware']['dtype']}, "
               f"{summary['wall_seconds']:.1f} s inside the job) | ratio {pipe_s / job_s:.2f}x | labels agree "
               f"{agree:.2%} | {load()}", flush=True)
 
@@ -247,6 +252,7 @@ def main() -> None:
     parser.add_argument("--rows-per-file", type=int, default=10_000)
     parser.add_argument("--scale-rows", type=int, default=20_000, help="scale: the small corpus; the large is 10x")
     parser.add_argument("--whole-rows", type=int, default=10_464, help="whole: rows (12 x the validation set)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="whole: the job's --precision")
     parser.add_argument("--gpu-rows", type=int, default=500_000)
     parser.add_argument("--gpu-batch-size", type=int, default=512)
     parser.add_argument("--workdir", help="keep corpora and outputs here (default: a temporary directory)")

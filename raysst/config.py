@@ -21,6 +21,8 @@ ALL = (TRAIN, TUNE, SCORE, EVAL)
 TRAINING = (TRAIN, TUNE)
 
 PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+TRAINING_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = (*TRAINING_PRECISIONS, "int8")  # int8: dynamic quantization, for CPU scoring and evaluation only
 DEFAULT_STORAGE = "~/raysst-runs"
 
 
@@ -56,7 +58,8 @@ class Config:
     max_seq_length: int = _f(128, "truncate inputs to this many tokens", ALL)
     max_train_samples: Optional[int] = _f(None, "train on a random slice of this many examples (0: all)")
     group_by_length: bool = _f(True, "batch examples of similar length together to cut padding")
-    precision: str = _f("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16 or fp32", ALL)
+    precision: str = _f("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16, fp32, or int8 "
+                        "(score and evaluate on CPU only: Linear layers quantized dynamically)", ALL)
     seed: int = _f(42, "random seed")
     eval_batch_size: int = _f(128, "batch size for validation and scoring", TRAINING + (EVAL,), flag={SCORE: "batch-size"})
     # Fault tolerance and logging.
@@ -101,8 +104,10 @@ class Config:
         _check(8 <= self.max_seq_length <= 512, "max_seq_length", self.max_seq_length, "between 8 and 512")
         _check(self.max_train_samples is None or self.max_train_samples >= 0,
                "max_train_samples", self.max_train_samples, "0 (all) or more")
-        _check(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision,
-               "one of auto, bf16, fp16, fp32")
+        _check(self.precision in PRECISIONS, "precision", self.precision, "one of " + ", ".join(PRECISIONS))
+        if self.precision == "int8" and self.use_gpu:
+            raise ValueError("config: --precision int8 quantizes for CPUs and cannot run with --use-gpu; drop "
+                             "--use-gpu to score in int8, or keep it with --precision auto, bf16, fp16 or fp32")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "at least 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "at least 1")
         _check(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")
@@ -146,6 +151,18 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_job(cfg: Config, job: str) -> Config:
+    """The checks that depend on the job as well as the values (a Config does not know its job); returns cfg.
+
+    parse_config runs them for a command line; train and tune run them where they start, for a Config
+    built in Python.
+    """
+    if job in TRAINING and cfg.precision not in TRAINING_PRECISIONS:
+        raise ValueError(f"config: {job} cannot use --precision {cfg.precision}: it is for scoring and evaluation "
+                         f"on CPU only; train with one of {', '.join(TRAINING_PRECISIONS)}")
+    return cfg
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -213,7 +230,7 @@ def parse_config(job: str, argv: Optional[Sequence[str]] = None, description: st
     parser = build_parser(job, description)
     args = vars(parser.parse_args(argv))
     try:
-        return load_config(args.pop("config"), **args)
+        return check_job(load_config(args.pop("config"), **args), job)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
 

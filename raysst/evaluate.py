@@ -168,7 +168,9 @@ def evaluate_model(cfg: Config, out_dir: str, scored_dir: str) -> dict:
 
     shutil.rmtree(scored_dir, ignore_errors=True)
     summary = score_driver_fn(cfg.replace(output=scored_dir, models=[]))
+    # The precision belongs next to the scores: int8 probabilities differ a little from fp32 ones.
     report = {"model": cfg.model, "data": cfg.input, "label_column": cfg.label_column,
+              "precision": summary["hardware"]["dtype"],
               **evaluate_frame(read_scored(scored_dir), cfg.input, cfg.label_column, cfg.text_column),
               "scoring": summary}
     write_report(report, out_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -121,14 +122,45 @@ def count_parameters(model) -> int:
 
 
 def device_dtype(use_gpu: bool, precision: str):
-    """The autocast dtype for this device and precision setting (None means fp32)."""
+    """The autocast dtype for this device and precision setting (None means fp32; int8 loads in fp32)."""
     import torch
 
-    if not use_gpu or precision == "fp32":
+    if not use_gpu or precision in ("fp32", "int8"):
         return None
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
+
+
+INT8_DYNAMIC = "int8 (dynamic, Linear layers)"
+
+
+def precision_name(use_gpu: bool, precision: str) -> str:
+    """What the model computes in, for summaries and reports: float32, bfloat16, float16 or INT8_DYNAMIC."""
+    if precision == "int8":
+        return INT8_DYNAMIC
+    return str(device_dtype(use_gpu, precision) or "float32").replace("torch.", "")
+
+
+def load_for_inference(name: str, use_gpu: bool, precision: str):
+    """The classifier in eval mode on its device (cuda or cpu) at `precision`, for scoring.
+
+    int8 quantizes the Linear layers dynamically (int8 weights, activations quantized per call) in this
+    process only: the saved model stays as it was trained.
+    """
+    import torch
+
+    model = load_classifier(name, dtype=device_dtype(use_gpu, precision)).to("cuda" if use_gpu else "cpu").eval()
+    if precision != "int8":
+        return model
+    with warnings.catch_warnings():
+        # torch points eager quantization users to torchao, which this project does not depend on; the API
+        # still works, and the warnings would repeat in every actor's log.
+        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def device_info() -> dict:

@@ -41,7 +41,8 @@ def report_markdown(report: dict, figures: dict = FIGURES) -> str:
         f"Data: `{report.get('data', '?')}`, gold labels from column `{report.get('label_column', 'label')}`. "
         f"{report['n']} rows evaluated"
         + (f" of {rows['total']}; not scored: {not_scored}; truncated to the maximum sequence length "
-           f"(scored on their start): {rows['truncated']}." if rows else "."),
+           f"(scored on their start): {rows['truncated']}." if rows else ".")
+        + (f" Scores computed in {report['precision']}." if "precision" in report else ""),
         "## Summary",
         _table(["Metric", "Value"], [
             ["Accuracy", f"{report['accuracy']:.4f} (95% CI {_ci(report['accuracy_ci95'])}, Wilson score)"],

@@ -113,7 +113,7 @@ def score_driver_fn(cfg: Config) -> dict:
     import pyarrow.parquet as pq
     import ray
 
-    from raysst.models import device_dtype, resolve_model
+    from raysst.models import precision_name, resolve_model
     from raysst.runtime import init_ray
 
     t0 = time.perf_counter()
@@ -152,7 +152,7 @@ def score_driver_fn(cfg: Config) -> dict:
         "rows_per_second": round(totals["scored"] / wall, 1),
         "hardware": {"model_actors": cfg.num_actors, "rows_by_actor_device": dict(totals["devices"]),
                      "device": "cuda" if cfg.use_gpu else "cpu",
-                     "dtype": str(device_dtype(cfg.use_gpu, cfg.precision) or "float32").replace("torch.", ""),
+                     "dtype": precision_name(cfg.use_gpu, cfg.precision),
                      "cpus_per_actor": cfg.cpus_per_worker, "gpus_per_actor": int(cfg.use_gpu),
                      "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}},
     }

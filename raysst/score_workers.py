@@ -95,12 +95,12 @@ class ScoreModelActor:
     def __init__(self, model: str, use_gpu: bool, precision: str, batch_size: int, threads: int, pad_id: int):
         import torch
 
-        from raysst.models import describe_device, device_dtype, device_info, load_classifier
+        from raysst.models import describe_device, device_info, load_for_inference
 
         if not use_gpu:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = load_classifier(model, dtype=device_dtype(use_gpu, precision)).to(self.device).eval()
+        self.model = load_for_inference(model, use_gpu, precision)
         self.batch_size, self.pad_id = batch_size, pad_id
         # The driver may run on a CPU head node: what scored the rows is told by the actor itself.
         self.device_name = pa.array([describe_device(device_info())])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from raysst.capacity import check_fits, lower_hint, timed_out, worker_resources
-from raysst.config import TRAIN, Config
+from raysst.config import TRAIN, Config, check_job
 from raysst.storage import HISTORY_FILE, STATE_FILE
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train V2's placement-group wait
@@ -269,6 +269,7 @@ def train_driver_fn(cfg: Config) -> str:
     from raysst.runtime import init_ray
     from raysst.tracking import require_mlflow
 
+    check_job(cfg, TRAIN)
     require_mlflow(cfg)
     init_ray()
     check_fits(worker_resources(cfg), cfg.num_workers, RUN, lower_hint(cfg, TRAIN), wait_s=cfg.wait_for_nodes)

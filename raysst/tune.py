@@ -16,7 +16,7 @@ import pandas as pd
 from ray.tune import Callback
 
 from raysst.capacity import Cluster, check_fits, current_cluster, fmt, lower_hint, workers_at_most, worker_resources
-from raysst.config import TUNE, Config
+from raysst.config import TUNE, Config, check_job
 from raysst.export import export_checkpoint
 from raysst.storage import HISTORY_FILE
 
@@ -78,6 +78,7 @@ def tune_driver_fn(cfg: Config) -> str:
     from raysst.data import load_sst2, to_ray_datasets
     from raysst.runtime import init_ray
 
+    check_job(cfg, TUNE)
     for b in cfg.batch_sizes:  # a size the workers cannot split fails now, not in the fifth trial
         cfg.replace(batch_size=b)
     init_ray()

@@ -294,6 +294,7 @@ def test_string_labels_and_missing_label_column_end_to_end(ray_local, trained_mo
     direct = direct_probabilities(trained_model, rows["sentence"].tolist())
     expected = compute_report(rows["sentence"], rows["label"], direct)
     assert report["calibration"]["brier"] == pytest.approx(expected["calibration"]["brier"], abs=1e-5)
+    assert report["precision"] == "float32"  # CPU scoring by default
     if not np.any(np.abs(direct - 0.5) < 1e-4):
         assert report["confusion_matrix"] == expected["confusion_matrix"]
     assert (tmp_path / "out" / "report.md").is_file() and is_png(tmp_path / "out" / FIGURES["confusion"])
@@ -303,6 +304,22 @@ def test_string_labels_and_missing_label_column_end_to_end(ray_local, trained_mo
     with pytest.raises(DataError, match=r"nolabel.parquet: no label column 'label'; columns are \['sentence', 'idx'\]"):
         evaluate_driver_fn(bad)
     assert not (tmp_path / "bad").exists()  # found before scoring a row, not after
+
+
+@pytest.mark.timeout(180)
+def test_evaluate_in_int8_states_its_precision(ray_local, trained_model, sst2_small, tmp_path):
+    from raysst.evaluate import evaluate_driver_fn
+    from raysst.models import INT8_DYNAMIC
+
+    data = sst2_small / "validation.parquet"
+    cfg = Config(model=trained_model, input=str(data), output=str(tmp_path / "out"), precision="int8", num_actors=1)
+    report = evaluate_driver_fn(cfg)[model_names([trained_model])[0]]
+    assert report["precision"] == report["scoring"]["hardware"]["dtype"] == INT8_DYNAMIC
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["precision"] == INT8_DYNAMIC
+    assert f"Scores computed in {INT8_DYNAMIC}." in (tmp_path / "out" / "report.md").read_text()
+    rows = pd.read_parquet(data)
+    fp32 = compute_report(rows["sentence"], rows["label"], direct_probabilities(trained_model, rows["sentence"].tolist()))
+    assert report["n"] == 101 and abs(report["accuracy"] - fp32["accuracy"]) <= 0.05  # int8 costs little
 
 
 @pytest.mark.timeout(180)

@@ -197,6 +197,60 @@ def test_unreadable_file_fails_naming_it(tmp_path, scoring_model, sst2_small, ra
         score_driver_fn(cfg)  # found by the up-front check, before any model loads
 
 
+@pytest.mark.timeout(240)
+def test_int8_scores_every_row_like_fp32(tmp_path, scoring_model, sst2_small, ray_local):
+    """--precision int8 over 500 SST-2 rows: one row out per row in, fp32's statuses, and (almost) its labels."""
+    import hashlib
+
+    from raysst.models import INT8_DYNAMIC
+
+    rows = pd.read_parquet(sst2_small / "train.parquet").head(500).reset_index(drop=True)  # a seeded sample
+    texts = rows.sentence.tolist()
+    texts[5], texts[9] = None, "  "
+    rows["sentence"] = pd.Series(texts, dtype=object)
+    rows.to_parquet(tmp_path / "in.parquet")
+    weights = sorted(Path(scoring_model).glob("*.safetensors"))
+    saved = [hashlib.sha256(w.read_bytes()).hexdigest() for w in weights]
+    cfg = Config(model=scoring_model, input=str(tmp_path / "in.parquet"), max_seq_length=MAX_LEN,
+                 eval_batch_size=8, num_actors=1)
+    out, dtypes = {}, {}
+    for precision in ("fp32", "int8"):
+        summary = score_driver_fn(cfg.replace(precision=precision, output=str(tmp_path / precision)))
+        assert summary["rows_in"] == summary["rows_out"] == 500
+        dtypes[precision] = summary["hardware"]["dtype"]
+        out[precision] = read_scored(str(tmp_path / precision)).sort_values("idx").reset_index(drop=True)
+    assert dtypes == {"fp32": "float32", "int8": INT8_DYNAMIC}
+    fp32, int8 = out["fp32"], out["int8"]
+    assert int8.idx.tolist() == rows.idx.sort_values().tolist()
+    assert int8.status.tolist() == fp32.status.tolist()
+    assert {"ok", "null_input", "empty_input", "truncated"} <= set(int8.status)
+    assert not np.allclose(int8.prob_positive.dropna(), fp32.prob_positive.dropna())  # it did quantize
+    # This random tiny model puts a few rows within a hair of 0.5, where int8's rounding flips a label on
+    # some batchings and not others; rows fp32 scores at least 0.05 away from a tie agree on 97-99%.
+    clear = (fp32.prob_positive - 0.5).abs() > 0.05
+    assert clear.mean() > 0.9
+    assert (int8.label == fp32.label)[clear].mean() >= 0.95
+    assert [hashlib.sha256(w.read_bytes()).hexdigest() for w in weights] == saved  # quantized in memory only
+
+
+def test_int8_is_for_cpu_scoring_and_evaluation_only():
+    from raysst.config import EVAL, SCORE, TRAIN, TUNE, parse_config
+    from raysst.train import train_driver_fn
+    from raysst.tune import tune_driver_fn
+
+    for job in (SCORE, EVAL):
+        assert parse_config(job, ["--precision", "int8"]).precision == "int8"
+        with pytest.raises(SystemExit):
+            parse_config(job, ["--precision", "int8", "--use-gpu"])
+    with pytest.raises(ValueError, match="--precision int8 quantizes for CPUs and cannot run with --use-gpu"):
+        Config(precision="int8", use_gpu=True)
+    for job, driver in ((TRAIN, train_driver_fn), (TUNE, tune_driver_fn)):
+        with pytest.raises(SystemExit):
+            parse_config(job, ["--precision", "int8"])
+        with pytest.raises(ValueError, match=f"{job} cannot use --precision int8: it is for scoring"):
+            driver(Config(precision="int8"))  # before Ray starts or any data loads
+
+
 def test_missing_text_column_fails_before_the_model_loads(tmp_path, sst2_small):
     (tmp_path / "in").mkdir()
     pd.DataFrame({"review": ["great"], "idx": [1]}).to_csv(tmp_path / "in" / "r.csv", index=False)
