@@ -1,24 +1,27 @@
-"""A corpus to score: find its files, check their columns, and read them whatever their format or encoding.
+"""The one reading layer, for corpora and training data: find files (local paths, globs, s3://, gs://, any
+pyarrow filesystem), check their columns, and read them whatever their format or encoding.
 
 Parquet, csv, tsv, jsonl and plain text (one document per line, column `text`). Text files that are
 not UTF-8 are decoded as cp1252, else latin-1, and the encoding used is reported. A file that cannot be
 read raises `UnreadableFile` naming it; a missing column raises `DataError` naming the file and its columns.
+Reading a file in chunks (bounded memory, the resume grain of scoring) is in `raysst.chunks`.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import io
 import json
-import os
+import posixpath
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
 
 from raysst.data import DataError, find_text_column
+from raysst.storage import filesystem
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl",
            ".json": "jsonl", ".txt": "txt"}
@@ -34,13 +37,20 @@ class UnreadableFile(DataError):
 
 @dataclass(frozen=True)
 class InputFile:
-    """One file of the corpus; `rel` (its path under the input root) names its output part."""
+    """One file of the corpus; `rel` (its path under the input root) names its output directory.
+
+    `path` is a local absolute path or a URI. `encoding`, `bom` and `head` (the byte where rows start,
+    after a byte-order mark and a csv header) are found by `raysst.chunks.plan_chunks` for text formats.
+    """
 
     path: str
     rel: str
     fmt: str
     text_column: str = TXT_COLUMN
     num_rows: Optional[int] = None  # known up front for parquet only
+    encoding: str = "utf-8"
+    bom: int = 0
+    head: int = 0
 
 
 def list_input_files(spec: str, exclude: Optional[str] = None) -> tuple[list[InputFile], list[str]]:
@@ -48,53 +58,90 @@ def list_input_files(spec: str, exclude: Optional[str] = None) -> tuple[list[Inp
 
     Hidden and `_`-prefixed files (`_SUCCESS`, `_summary.json`) and anything under `exclude` (the output
     directory) are left out; in a directory or glob, files of other formats are ignored and listed.
+    A glob's `*` may match across `/` (it is matched against every file under the glob's fixed prefix).
     """
-    path = Path(spec).expanduser()
-    if path.is_file():
-        if path.suffix.lower() not in FORMATS:
-            raise DataError(f"{spec}: unsupported format {path.suffix!r}; use one of {sorted(FORMATS)}")
-        root, paths = path.parent, [path]
-    elif path.is_dir():
-        root, paths = path, [p for p in path.rglob("*") if p.is_file()]
-    elif glob.has_magic(spec):
-        matches = [Path(m) for m in glob.glob(os.path.expanduser(spec), recursive=True)]
-        paths = [q for m in matches for q in ([m] if m.is_file() else m.rglob("*")) if q.is_file()]
-        root = Path(os.path.commonpath([str(p.parent.absolute()) for p in paths])) if paths else Path(".")
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(spec)
+    uri = spec.split("://")[0] + "://" if "://" in spec else ""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        if posixpath.splitext(path)[1].lower() not in FORMATS:
+            raise DataError(f"{spec}: unsupported format {posixpath.splitext(path)[1]!r}; use one of {sorted(FORMATS)}")
+        root, paths = posixpath.dirname(path), [path]
+    elif info.type == pafs.FileType.Directory:
+        root, paths = path, _files_under(fs, path)
+    elif glob.has_magic(path):
+        base = path[:min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+        patterns = {path, path.replace("**/", "")}  # `**/` also matches no directory, as in glob
+        paths = [p for p in _files_under(fs, base)
+                 if any(fnmatch.fnmatchcase(q, pat) for q in _self_and_parents(p, base) for pat in patterns)]
+        root = posixpath.commonpath([posixpath.dirname(p) for p in paths]) if paths else base
     else:
         raise FileNotFoundError(f"input {spec} does not exist (expected a file, a directory or a glob)")
-    root, skip_under = root.absolute(), Path(exclude).absolute() if exclude else None
+    skip_under = (filesystem(exclude)[1].rstrip("/") + "/") if exclude else None
     files, ignored = [], []
-    for p in sorted(p.absolute() for p in paths):
-        rel = p.relative_to(root)
-        if any(part.startswith((".", "_")) for part in rel.parts) or (skip_under and p.is_relative_to(skip_under)):
+    for p in sorted(paths):
+        rel = posixpath.relpath(p, root)
+        if any(part.startswith((".", "_")) for part in rel.split("/")) or (skip_under and p.startswith(skip_under)):
             continue
-        if p.suffix.lower() in FORMATS:
-            files.append(InputFile(str(p), str(rel), FORMATS[p.suffix.lower()]))
+        fmt = FORMATS.get(posixpath.splitext(p)[1].lower())
+        if fmt:
+            files.append(InputFile(uri + p if uri else p, rel, fmt))
         else:
-            ignored.append(str(p))
+            ignored.append(uri + p)
     if not files:
         raise DataError(f"{spec}: no files to score ({', '.join(sorted(set(FORMATS.values())))}); "
                         f"ignored {ignored[:5]}")
     return files, ignored
 
 
+def _files_under(fs, path: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    return [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
+
+def _self_and_parents(path: str, base: str) -> list[str]:
+    """A glob may name a directory: its files match too."""
+    out = [path]
+    while len(path) > len(base) + 1:
+        path = posixpath.dirname(path)
+        out.append(path)
+    return out
+
+
+def open_input(f: InputFile):
+    """A random-access pyarrow file for an input file, local or behind a URI."""
+    fs, path = filesystem(f.path)
+    return fs.open_input_file(path)
+
+
 def file_columns(f: InputFile) -> tuple[list, Optional[int]]:
     """A file's column names (and, for parquet, its row count) without reading its rows."""
     import pyarrow.parquet as pq
 
-    with _reading(f):
+    with _reading(f), open_input(f) as fh:
         if f.fmt == "parquet":
-            meta = pq.ParquetFile(f.path).metadata
+            meta = pq.ParquetFile(fh).metadata
             return meta.schema.to_arrow_schema().names, meta.num_rows
         if f.fmt in ("csv", "tsv"):
-            with open(f.path, "rb") as fh:
-                header = fh.readline()
-            return list(_read_csv(f, decode(header)[0], nrows=0).columns), None
+            return list(_read_csv(f, decode(_first_lines(fh, 1))[0], nrows=0).columns), None
         if f.fmt == "jsonl":
-            with open(f.path, "rb") as fh:
-                lines = [line for _, line in zip(range(SCAN_RECORDS), fh)]
-            return list(dict.fromkeys(k for r in _parse_jsonl(f, decode(b"".join(lines))[0]) for k in r)), None
+            content = decode(_first_lines(fh, SCAN_RECORDS))[0]
+            return list(dict.fromkeys(k for r in parse_jsonl(f, content) for k in r)), None
     return [TXT_COLUMN], None
+
+
+def _first_lines(fh, n: int) -> bytes:
+    out = io.BytesIO()
+    while out.getvalue().count(b"\n") < n:
+        block = fh.read(1 << 16)
+        if not block:
+            break
+        out.write(block)
+    return b"".join(out.getvalue().split(b"\n", n)[:n])
 
 
 def scan_file(f: InputFile, text_column: Optional[str] = None, id_column: Optional[str] = None) -> InputFile:
@@ -107,36 +154,42 @@ def scan_file(f: InputFile, text_column: Optional[str] = None, id_column: Option
 
 
 def read_file(f: InputFile) -> tuple[pa.Table, str]:
-    """A whole file as an Arrow table, and the encoding its text was decoded with."""
-    import pyarrow.parquet as pq
-
-    with _reading(f):
-        if f.fmt == "parquet":
-            return pq.read_table(f.path), "utf-8"
-        content, encoding = decode(Path(f.path).read_bytes())
-        if f.fmt == "txt":
-            return pa.table({TXT_COLUMN: pa.array(_lines(content), pa.string())}), encoding
-        if f.fmt == "jsonl":
-            records = _parse_jsonl(f, content)
-            columns = list(dict.fromkeys(k for r in records for k in r))
-            return pa.table({c: _to_arrow([r.get(c) for r in records]) for c in columns}), encoding
-        df = _read_csv(f, content)
-        return pa.table({str(c): _to_arrow(df[c].tolist()) for c in df.columns}), encoding
+    """A whole (small) file as an Arrow table, and the encoding its text was decoded with: training data."""
+    table, _, encoding = _read_whole(f)
+    return table, encoding
 
 
 def read_text(f: InputFile) -> list:
-    """The text column of a file as Python values, one per row, as found (None, numbers and all)."""
+    """The text column of a whole file as Python values, one per row, as found (None, numbers and all)."""
+    return _read_whole(f)[1]
+
+
+def _read_whole(f: InputFile) -> tuple[pa.Table, list, str]:
     import pyarrow.parquet as pq
 
-    with _reading(f):
+    with _reading(f), open_input(f) as fh:
         if f.fmt == "parquet":
-            return text_values(pq.read_table(f.path, columns=[f.text_column]).column(0))
-        content = decode(Path(f.path).read_bytes())[0]
+            table = pq.read_table(fh)
+            values = text_values(table.column(f.text_column)) if f.text_column in table.column_names else []
+            return table, values, "utf-8"
+        content, encoding = decode(fh.read())
+    return (*parse_text(f, content), encoding)
+
+
+def parse_text(f: InputFile, content: str, first_line: int = 1) -> tuple[pa.Table, list]:
+    """Rows of decoded csv/tsv/jsonl/txt content: the table of its columns, and the text column's raw values."""
+    with _reading(f):
         if f.fmt == "txt":
-            return _lines(content)
+            lines = _lines(content)
+            return pa.table({TXT_COLUMN: pa.array(lines, pa.string())}), lines
         if f.fmt == "jsonl":
-            return [r.get(f.text_column) for r in _parse_jsonl(f, content)]
-        return _read_csv(f, content, usecols=[f.text_column])[f.text_column].tolist()
+            records = parse_jsonl(f, content, first_line)
+            columns = list(dict.fromkeys(k for r in records for k in r))
+            table = pa.table({c: _to_arrow([r.get(c) for r in records]) for c in columns})
+            return table, [r.get(f.text_column) for r in records]
+        df = _read_csv(f, content)
+        table = pa.table({str(c): _to_arrow(df[c].tolist()) for c in df.columns})
+        return table, df[f.text_column].tolist() if f.text_column in df.columns else [None] * len(df)
 
 
 @contextmanager
@@ -169,13 +222,12 @@ def decode(raw: bytes) -> tuple[str, str]:
     raise AssertionError("latin-1 decodes every byte string")
 
 
-def _read_csv(f: InputFile, content: str, nrows: Optional[int] = None, usecols: Optional[list] = None):
+def _read_csv(f: InputFile, content: str, nrows: Optional[int] = None):
     import pandas as pd
 
     # The text column stays a string ("1", "NA" are text); an empty field is a missing value.
     return pd.read_csv(io.StringIO(content), sep="\t" if f.fmt == "tsv" else ",", quoting=3 if f.fmt == "tsv" else 0,
-                       keep_default_na=False, na_values=[""], dtype={f.text_column: str}, nrows=nrows,
-                       usecols=usecols)
+                       keep_default_na=False, na_values=[""], dtype={f.text_column: str}, nrows=nrows)
 
 
 def _lines(content: str) -> list[str]:
@@ -185,9 +237,9 @@ def _lines(content: str) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
-def _parse_jsonl(f: InputFile, content: str) -> list[dict]:
+def parse_jsonl(f: InputFile, content: str, first_line: int = 1) -> list[dict]:
     records = []
-    for number, line in enumerate(content.split("\n"), 1):
+    for number, line in enumerate(content.split("\n"), first_line):
         if not line.strip():
             continue
         try:

@@ -28,20 +28,13 @@ class DataError(ValueError):
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """Read one parquet, tsv, csv or jsonl file into a DataFrame."""
-    suffix = path.suffix.lstrip(".").lower()
-    try:
-        if suffix == "parquet":
-            return pd.read_parquet(path)
-        if suffix == "tsv":
-            return pd.read_csv(path, sep="\t", quoting=3, keep_default_na=False, na_values=[""])
-        if suffix == "csv":
-            return pd.read_csv(path, keep_default_na=False, na_values=[""])
-        if suffix in ("jsonl", "json"):
-            return pd.read_json(path, lines=True)
-    except Exception as e:  # the reader's own message says what is wrong inside the file
-        raise DataError(f"{path}: could not be read as {suffix}: {e}") from e
-    raise DataError(f"{path}: unsupported format {suffix!r}; use one of {FORMATS}")
+    """Read one parquet, tsv, csv or jsonl file into a DataFrame, by the same rules as a scored corpus."""
+    from raysst.corpus import FORMATS as READERS, InputFile, read_file  # corpus imports this module
+
+    fmt = READERS.get(path.suffix.lower())
+    if fmt is None or fmt == "txt":
+        raise DataError(f"{path}: unsupported format {path.suffix.lstrip('.').lower()!r}; use one of {FORMATS}")
+    return read_file(InputFile(str(path), path.name, fmt, text_column=TEXT_COLUMNS[0]))[0].to_pandas()
 
 
 def find_text_column(columns, source: str, text_column: Optional[str] = None) -> str:

@@ -14,22 +14,35 @@ STATE_FILE = "train_state.pt"  # optimizer, schedule and scaler state, the epoch
 HISTORY_FILE = "history.json"  # one row of metrics per epoch, readable without torch
 
 
-def _fs(path: str):
+_FILESYSTEMS: dict = {}  # per process and bucket: S3's region lookup costs a request
+
+
+def filesystem(path: str):
+    """(pyarrow filesystem, path in it) for a local path or a URI such as s3://bucket/key or gs://...
+
+    Credentials come the standard way (AWS_* variables, ~/.aws, instance roles; GOOGLE_APPLICATION_CREDENTIALS),
+    and AWS_ENDPOINT_URL points S3 at a compatible server (MinIO, moto).
+    """
     import pyarrow.fs
 
-    if "://" in path:
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().absolute())
+    if "://" not in path:
+        return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().absolute())
+    scheme, rest = path.split("://", 1)
+    rest, _, query = rest.partition("?")  # options such as ?endpoint_override=... name the filesystem too
+    key = f"{scheme}://{rest.split('/', 1)[0]}?{query}"
+    if key not in _FILESYSTEMS:
+        _FILESYSTEMS[key] = pyarrow.fs.FileSystem.from_uri(path)[0]
+    return _FILESYSTEMS[key], rest.rstrip("/")
 
 
 def read_text(path: str) -> str:
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     with fs.open_input_stream(p) as f:
         return f.read().decode()
 
 
 def write_text(path: str, text: str) -> None:
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     fs.create_dir(posixpath.dirname(p), recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(text.encode())
