@@ -1,71 +1,33 @@
-"""Batch scoring with Ray Data: read a corpus, tokenize in CPU tasks, classify on an actor pool, write per file.
+"""Batch scoring with Ray Data: plan the corpus into chunks, score each chunk in one actor call, resume by chunk.
 
-Only (file, row, text) flows through the pipeline. When every row of a file has come back, a task re-reads
-that file, attaches the scores and writes its part atomically, so a rerun skips the finished files and still
-ends with exactly one output row per input row.
+Output: `<output>/<rel>/part-NNNNN.parquet`, one part per chunk of input file `<rel>` (a parquet row-group
+slice or at most `chunk_rows` records), holding that chunk's own columns plus the scores, committed
+atomically by the actor that scored it. A rerun lists the committed parts and scores only the other chunks,
+so a run killed at any moment ends, rerun, with exactly one output row per input row.
+
+Why not `ray.data.checkpoint` or `write_parquet`: Ray Data's checkpoint is row-level and keyed by an id
+column from the source (many corpora have none), and `write_parquet` commits a dataset's blocks under
+names of its own, whose boundaries are not stable across runs; neither keeps a part per input chunk
+beside its input's layout. A chunk per actor call keeps its rows together for its write without
+re-assembling them in the driver, and makes the commit (one file) the resume record.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
-import uuid
 from collections import Counter
-from pathlib import Path
-from typing import Optional
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from raysst.capacity import CapacityError, wait_for_capacity
+from raysst.chunks import Chunk
 from raysst.config import Config, expand_path
-from raysst.corpus import InputFile, UnreadableFile, list_input_files, scan_file
 from raysst.data import LABEL_NAMES, DataError
-from raysst.score_workers import (OUTPUT_COLUMNS, STATUSES, TASK_CPUS, TMP_PREFIX, UNREADABLE, ScoreModelActor,
-                                  count_statuses, read_rows_task, tokenize_task, write_part_task)
+from raysst.score_plan import check_plan_file, committed_parts, count_parts, plan, remove_temporaries
+from raysst.score_workers import CHUNKS_IN_ACTOR, STAGES, STATUSES, TMP_PREFIX, ChunkScorer, add_counts
+from raysst.storage import filesystem, write_text
 
 SUMMARY_FILE = "_summary.json"
-WINDOW_BATCHES = 16  # micro-batches per model call; rows are sorted by length across the window
 PROGRESS_EVERY_S = 10.0
-WRITES_IN_FLIGHT = 4
-BLOCK_BYTES = 128 * 1024  # ~1,500 tokenized SST-2 rows
-TASKS_PER_GPU_ACTOR = 4  # read+tokenize tasks per GPU actor; on CPU one per actor keeps up with the model
-
-
-def build_pipeline(files: list[InputFile], cfg: Config, model: str):
-    """The Ray Data pipeline: read and tokenize (tasks), then the model (actor pool); rows are not ordered."""
-    import ray.data
-
-    from raysst.models import load_tokenizer
-
-    items = [{"file_id": i, "path": f.path, "rel": f.rel, "fmt": f.fmt, "text_column": f.text_column}
-             for i, f in enumerate(files)]
-    window = cfg.eval_batch_size * WINDOW_BATCHES
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 2000))
-    # A block goes to one actor, and a task's output would be one block per file: small blocks spread a file
-    # over all actors. This context is the dataset's own copy.
-    ds.context.target_max_block_size = BLOCK_BYTES
-    # Each task process imports transformers and loads a tokenizer once; a few per actor keep it fed.
-    tasks = ray.data.TaskPoolStrategy(size=cfg.num_actors * (TASKS_PER_GPU_ACTOR if cfg.use_gpu else 1))
-    ds = ds.map_batches(read_rows_task, batch_size=1, fn_kwargs={"on_bad_file": cfg.on_bad_file}, num_cpus=TASK_CPUS,
-                        compute=tasks)
-    ds = ds.map_batches(tokenize_task, batch_size=window, batch_format="pyarrow", num_cpus=TASK_CPUS, compute=tasks,
-                        fn_kwargs={"model": model, "max_length": cfg.max_seq_length})
-    return ds.map_batches(
-        ScoreModelActor, batch_size=window, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        fn_constructor_kwargs={"model": model, "use_gpu": cfg.use_gpu, "precision": cfg.precision,
-                               "batch_size": cfg.eval_batch_size, "threads": cfg.cpus_per_worker,
-                               "pad_id": load_tokenizer(model).pad_token_id or 0},
-        num_cpus=1 if cfg.use_gpu else cfg.cpus_per_worker - TASK_CPUS, num_gpus=1 if cfg.use_gpu else 0)
-
-
-def part_path(output: Path, f: InputFile) -> Path:
-    """Where a file's scores go: its path under the input root, as parquet."""
-    rel = Path(f.rel)
-    return output / (rel if f.fmt == "parquet" and rel.suffix == ".parquet" else rel.with_name(rel.name + ".parquet"))
 
 
 def model_actors(cfg: Config) -> int:
@@ -84,33 +46,24 @@ def model_actors(cfg: Config) -> int:
     return int(have["GPU"])
 
 
-def plan(cfg: Config, output: Path) -> tuple[list[InputFile], list[Path], list[dict], list[str]]:
-    """Files still to score (checked), parts already written, files skipped as unreadable, files ignored.
+def build_pipeline(todo: list[Chunk], cfg: Config, model: str, output: str):
+    """One row per chunk through an actor pool; each call scores and writes its chunk (see score_workers)."""
+    import ray.data
 
-    Runs before any model loads: a missing text or id column fails here, naming the file and its columns.
-    """
-    files, ignored = list_input_files(cfg.input, exclude=str(output))
-    parts = [part_path(output, f) for f in files]
-    clash = [str(p) for p, n in Counter(parts).items() if n > 1]
-    if clash:
-        raise DataError(f"{cfg.input}: several input files would write the same output part {clash[:3]}; rename them")
-    todo, done, skipped = [], [], []
-    for f, part in zip(files, parts):
-        if part.exists():
-            done.append(part)
-            continue
-        try:
-            todo.append(scan_file(f, cfg.text_column, cfg.id_column))
-        except UnreadableFile as e:
-            if cfg.on_bad_file == "fail":
-                raise
-            skipped.append({"file": f.path, "error": str(e)})
-    return todo, done, skipped, ignored
+    ds = ray.data.from_items([{"chunk": c.to_json()} for c in todo], override_num_blocks=len(todo))
+    return ds.map_batches(
+        ChunkScorer, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=CHUNKS_IN_ACTOR,
+                                           max_concurrent_calls_per_actor=CHUNKS_IN_ACTOR,
+                                           enable_true_multi_threading=True),
+        fn_constructor_kwargs={"model": model, "use_gpu": cfg.use_gpu, "precision": cfg.precision,
+                               "batch_size": cfg.eval_batch_size, "threads": cfg.cpus_per_worker,
+                               "max_length": cfg.max_seq_length, "output": output, "on_bad_file": cfg.on_bad_file},
+        num_cpus=1 if cfg.use_gpu else cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)
 
 
 def score_driver_fn(cfg: Config) -> dict:
-    """Score `cfg.input` into parquet parts under `cfg.output`, resuming finished files; returns the summary."""
-    import pyarrow.parquet as pq
+    """Score `cfg.input` into parquet parts under `cfg.output`, resuming committed chunks; returns the summary."""
     import ray
 
     from raysst.models import precision_name, resolve_model
@@ -118,115 +71,110 @@ def score_driver_fn(cfg: Config) -> dict:
 
     t0 = time.perf_counter()
     if not cfg.input or not cfg.output:
-        raise ValueError("score needs an input (--input FILE|DIR|GLOB) and an output directory (--output DIR)")
-    output = Path(expand_path(cfg.output))
-    todo, done, skipped, ignored = plan(cfg, output)
+        raise ValueError("score needs an input (--input FILE|DIR|GLOB|URI) and an output (--output DIR|URI)")
+    output = expand_path(cfg.output).rstrip("/")
+    todo, done, skipped, ignored, decoded = plan(cfg, output)
     model = resolve_model(cfg.model)
-    for stale in output.rglob(f"{TMP_PREFIX}*"):  # left by an interrupted run; their files are scored again
-        stale.unlink()
+    check_plan_file(output, cfg.chunk_rows)
+    remove_temporaries(output)
+    per_file: dict[str, Counter] = {rel: count_parts(parts) for rel, parts in done.items()}
+    n_resumed = sum(map(len, done.values()))
     if done:
-        print(f"[raysst] score: resuming; {len(done)} of {len(done) + len(todo) + len(skipped)} files are "
-              "already scored", flush=True)
-    totals = {"rows_in": 0, "rows": 0, "status": Counter(), "label": Counter(), "files": 0, "scored": 0,
-              "devices": Counter()}
-    for part in done:
-        rows = pq.read_metadata(part).num_rows
-        _add(totals, {"rows": rows, **count_statuses(pq.read_table(part, columns=["status", "label"]))}, rows)
+        print(f"[raysst] score: resuming; {n_resumed} chunks of {len(done)} files are already scored, "
+              f"{len(todo)} to go", flush=True)
+    plan_s = time.perf_counter() - t0
     init_ray()
     cfg = cfg.replace(num_actors=model_actors(cfg))
     # Ray Data would wait without end for actors that find no room: fail now, or wait for the autoscaler.
     wait_for_capacity({"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}, cfg.num_actors,
                       "scoring", "Lower --num-workers or --cpus-per-worker" + (", or drop --use-gpu" * cfg.use_gpu),
                       cfg.wait_for_nodes)
-    decoded: dict = {}
-    if todo:
-        _run(cfg, todo, model, output, skipped, totals, decoded, t0)
+    scored = _run(build_pipeline(todo, cfg, model, output), todo, per_file, skipped, t0) if todo else Counter()
+    failed = {s.pop("rel") for s in skipped if "rel" in s}
+    if failed:  # a file found unreadable part-way keeps no parts: its rows are all or nothing
+        parts = committed_parts(output)
+        for rel in failed:
+            for part in parts.get(rel, {}).values():
+                fs, path = filesystem(part)
+                fs.delete_file(path)
+            per_file.pop(rel, None)
+    files_read = {k[1] for k in scored if isinstance(k, tuple) and k[0] == "file"} - failed
+    totals = sum(per_file.values(), Counter())
     wall = time.perf_counter() - t0
     summary = {
-        "model": cfg.model, "input": cfg.input, "output": str(output),
-        "rows_in": totals["rows_in"], "rows_out": sum(pq.read_metadata(p).num_rows for p in _parts(output)),
-        "rows_scored_this_run": totals["scored"], "status_counts": {s: totals["status"][s] for s in STATUSES},
-        "label_counts": {k: totals["label"][k] for k in (*LABEL_NAMES.values(), "null")},
-        "files_read": totals["files"], "files_resumed": len(done), "files_skipped": skipped,
-        "files_ignored": ignored, "files_decoded": decoded, "wall_seconds": round(wall, 3),
-        "rows_per_second": round(totals["scored"] / wall, 1),
-        "hardware": {"model_actors": cfg.num_actors, "rows_by_actor_device": dict(totals["devices"]),
+        "model": cfg.model, "input": cfg.input, "output": output,
+        "rows_in": totals["rows"], "rows_out": totals["rows"], "rows_scored_this_run": scored["rows"],
+        "status_counts": {s: totals[("status", s)] for s in STATUSES},
+        "label_counts": {k: totals[("label", k)] for k in (*LABEL_NAMES.values(), "null")},
+        "files_read": len(files_read), "files_resumed": len(done), "files_skipped": skipped,
+        "files_ignored": ignored, "files_decoded": decoded,
+        "chunks": {"rows_per_chunk": cfg.chunk_rows, "resumed": n_resumed, "scored_this_run": scored["chunks"]},
+        "wall_seconds": round(wall, 3), "rows_per_second": round(scored["rows"] / wall, 1),
+        # Where the time went: the driver's planning, and each stage summed over the actors' calls.
+        "seconds_by_stage": {"plan": round(plan_s, 3),
+                             **{s: round(scored[("seconds", s)], 3) for s in STAGES}},
+        "hardware": {"model_actors": cfg.num_actors,
+                     "rows_by_actor_device": {k[1]: v for k, v in scored.items() if isinstance(k, tuple) and k[0] == "device"},
                      "device": "cuda" if cfg.use_gpu else "cpu",
                      "dtype": precision_name(cfg.use_gpu, cfg.precision),
                      "cpus_per_actor": cfg.cpus_per_worker, "gpus_per_actor": int(cfg.use_gpu),
                      "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}},
     }
-    output.mkdir(parents=True, exist_ok=True)
-    tmp = output / f"{TMP_PREFIX}{uuid.uuid4().hex}{SUMMARY_FILE}"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, output / SUMMARY_FILE)
-    print(f"[raysst] score: {summary['rows_out']:,} rows in {output} ({totals['scored']:,} scored now, "
+    _write_summary(output, summary)
+    print(f"[raysst] score: {summary['rows_out']:,} rows in {output} ({scored['rows']:,} scored now, "
           f"{summary['rows_per_second']:,} rows/s, {len(skipped)} files skipped); "
-          f"statuses {summary['status_counts']}", flush=True)
+          f"statuses {summary['status_counts']}; seconds by stage {summary['seconds_by_stage']}", flush=True)
     return summary
 
 
-def _run(cfg: Config, todo: list[InputFile], model: str, output: Path, skipped: list, totals: dict,
-         decoded: dict, t0: float) -> None:
-    """Drive the pipeline: gather each file's rows and hand a complete file to a writer task."""
-    import ray
-
-    writer = ray.remote(num_cpus=0)(write_part_task)  # I/O-bound; must not wait behind the model actors
-    known = sum(f.num_rows for f in todo) if all(f.num_rows is not None for f in todo) else None
-    pending: dict[int, list[pa.Table]] = {}
-    got: Counter = Counter()
-    writes: dict = {}
-    rows, last = 0, time.perf_counter()
-
-    def collect(num_returns: int) -> None:
-        for ref in ray.wait(list(writes), num_returns=num_returns)[0]:
-            f, n_rows, result = *writes.pop(ref), ray.get(ref)
-            _add(totals, result, n_rows)
-            totals["files"] += 1
-            totals["scored"] += result["rows"]
-            if result["encoding"] != "utf-8":
-                decoded[f.rel] = result["encoding"]
-
+def _run(ds, todo: list[Chunk], per_file: dict, skipped: list, t0: float) -> Counter:
+    """Drive the pipeline; the driver sees one row of counts per chunk. Returns this run's counts."""
+    known = sum(c.stop - c.start for c in todo if c.file.fmt == "parquet")
+    scored: Counter = Counter()
+    last = time.perf_counter()
     try:
-        for block in build_pipeline(todo, cfg, model).iter_batches(batch_size=None, batch_format="pyarrow"):
-            file_ids = block.column("file_id").to_numpy()
-            devices = block.column("device").to_pandas().value_counts()
-            totals["devices"].update({str(k): int(v) for k, v in devices.items() if v})
-            for file_id in np.unique(file_ids).tolist():
-                part = block.filter(pa.array(file_ids == file_id))
-                first = part.slice(0, 1).to_pylist()[0]
-                if first["status"] == UNREADABLE:
-                    skipped.append({"file": todo[file_id].path, "error": first["error"]})
-                    continue
-                part = part.filter(pc.greater_equal(part.column("row"), 0))
-                pending.setdefault(file_id, []).append(part.select(["row", *OUTPUT_COLUMNS]))
-                got[file_id] += part.num_rows
-                rows += part.num_rows
-                if got[file_id] == first["n_rows"]:
-                    f = todo[file_id]
-                    results = pa.concat_tables(pending.pop(file_id))
-                    writes[writer.remote(f, results, str(part_path(output, f)))] = (f, first["n_rows"])
-                    if len(writes) > WRITES_IN_FLIGHT:
-                        collect(len(writes) - WRITES_IN_FLIGHT)
+        for row in ds.iter_rows():
+            rel = str(row["rel"])
+            if row["error"]:
+                if rel not in {s.get("rel") for s in skipped}:
+                    skipped.append({"file": str(row["path"]), "error": str(row["error"]), "rel": rel})
+                continue
+            counts = {**json.loads(row["counts"]), "rows": int(row["rows"])}
+            for target in (per_file.setdefault(rel, Counter()), scored):
+                add_counts(target, counts)
+            scored[("file", rel)] = 1
+            scored["chunks"] += 1
             if time.perf_counter() - last > PROGRESS_EVERY_S:
                 last = time.perf_counter()
-                print(f"[raysst] score: {rows:,}{f'/{known:,}' if known else ''} rows, "
-                      f"{rows / (last - t0):,.0f} rows/s", flush=True)
-        collect(len(writes))
+                print(f"[raysst] score: {scored['rows']:,} rows ({scored['chunks']}/{len(todo)} chunks"
+                      f"{f', {known:,} parquet rows in all' if known else ''}), "
+                      f"{scored['rows'] / (last - t0):,.0f} rows/s", flush=True)
     except Exception as e:
         cause = _user_error(e)
         if cause is not None:
             raise type(cause)(str(cause)) from e
         raise
-    if pending:
-        raise RuntimeError(f"rows of {[todo[i].path for i in pending]} are missing from the pipeline's output")
+    return scored
+
+
+def _write_summary(output: str, summary: dict) -> None:
+    import os
+    import uuid
+
+    text = json.dumps(summary, indent=2)
+    if "://" in output:
+        write_text(f"{output}/{SUMMARY_FILE}", text)  # one PUT: atomic
+        return
+    tmp = f"{output}/{TMP_PREFIX}{uuid.uuid4().hex}{SUMMARY_FILE}"
+    write_text(tmp, text)
+    os.replace(tmp, f"{output}/{SUMMARY_FILE}")
 
 
 def _resources(have: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in have.items() if k in ("CPU", "GPU")) or "nothing"
 
 
-def _user_error(e: BaseException) -> Optional[DataError]:
+def _user_error(e: BaseException):
     """The data error (e.g. an unreadable file) inside a Ray task failure, if that is what failed."""
     seen = set()
     while e is not None and id(e) not in seen:
@@ -237,24 +185,15 @@ def _user_error(e: BaseException) -> Optional[DataError]:
     return None
 
 
-def _add(totals: dict, result: dict, rows_in: int) -> None:
-    totals["rows_in"] += rows_in
-    totals["rows"] += result["rows"]
-    totals["status"].update(result["status"])
-    totals["label"].update(result["label"])
-
-
-def _parts(output: Path) -> list[Path]:
-    return sorted(p for p in output.rglob("*.parquet")
-                  if not any(part.startswith(("_", ".")) for part in p.relative_to(output).parts))
-
-
 def read_scored(output_dir: str):
-    """A scored output directory as one pandas DataFrame (parts may differ in schema; each is read alone)."""
+    """A scored output (directory or URI) as one pandas DataFrame: files in name order, each file's rows in
+    input order (parts may differ in schema; each is read alone)."""
     import pandas as pd
     import pyarrow.parquet as pq
 
-    parts = _parts(Path(expand_path(output_dir)))
+    output = expand_path(output_dir).rstrip("/")
+    parts = [p for _, chunks in sorted(committed_parts(output).items()) for _, p in sorted(chunks.items())]
     if not parts:
         raise DataError(f"{output_dir}: no scored parquet parts (run jobs/score.py with --output {output_dir})")
-    return pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
+    return pd.concat([pq.read_table(filesystem(p)[1], filesystem=filesystem(p)[0]).to_pandas() for p in parts],
+                     ignore_index=True)

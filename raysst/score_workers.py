@@ -1,54 +1,118 @@
-"""What runs in Ray workers when scoring: the read and tokenize tasks, the model actor, the part writer.
+"""What runs in the Ray Data actors when scoring: one call per chunk reads it, tokenizes, scores and writes its part.
 
-Rows carry (file_id, row, n_rows) from the read stage to the driver, which hands each complete file to
-`write_part_task`; a file that is skipped or empty sends one marker row (row -1) instead.
+A chunk's rows never leave the actor that scores them: the driver sees one small row of counts and timings
+per chunk. Two calls run at once in each actor (`CHUNKS_IN_ACTOR`) and only the model step is serialized,
+so reading and tokenizing the next chunk overlap the forward passes of this one (a GPU does not idle on I/O).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+import time
 import uuid
-from pathlib import Path
-from typing import Iterator, Optional
+from collections import Counter
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
-from raysst.corpus import InputFile, UnreadableFile, is_missing, read_file, read_text
-from raysst.data import LABEL_NAMES, DataError
+from raysst.chunks import Chunk, read_chunk
+from raysst.corpus import UnreadableFile, is_missing
+from raysst.data import LABEL_NAMES
+from raysst.storage import filesystem
 
 STATUSES = ("ok", "null_input", "empty_input", "non_string_input", "truncated")
 OUTPUT_COLUMNS = ("label", "score", "prob_positive", "status")
+STAGES = ("read", "tokenize", "model", "write")
 TMP_PREFIX = "_tmp-"
-UNREADABLE, NO_ROWS = "_unreadable", "_no_rows"  # marker rows (row -1) for a skipped and an empty file
-READ_CHUNK = 4096  # rows per block out of the read stage
-# Reading and tokenizing cost a few percent of the model's time. They reserve a quarter CPU, and a CPU model
-# actor leaves that quarter of its `cpus_per_worker` free, so the tasks feeding it always fit beside it
-# (and Ray Data does not fuse them into the actor, which would serialize tokenizing and inference).
-TASK_CPUS = 0.25
-
-_TOKENIZERS: dict = {}  # per worker process: Ray reuses workers, so each loads a tokenizer once
+CHUNKS_IN_ACTOR = 2
 
 
-def read_rows_task(batch: dict, on_bad_file: str) -> Iterator[pa.Table]:
-    """Read stage (Ray Data task): the text of each file in the batch, one row per input row, with its status."""
-    for path, rel, fmt, column, file_id in zip(batch["path"], batch["rel"], batch["fmt"], batch["text_column"],
-                                               batch["file_id"]):
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+class ChunkScorer:
+    """Model stage (Ray Data actor, one per GPU or per `cpus_per_worker` CPUs): loads the model once."""
+
+    def __init__(self, model: str, use_gpu: bool, precision: str, batch_size: int, threads: int, max_length: int,
+                 output: str, on_bad_file: str):
+        import torch
+
+        from raysst.models import describe_device, device_info, load_for_inference, load_tokenizer
+
+        if not use_gpu:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model = load_for_inference(model, use_gpu, precision)
+        self.tokenizer = load_tokenizer(model)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.batch_size, self.max_length, self.output, self.on_bad_file = batch_size, max_length, output, on_bad_file
+        self.model_lock = threading.Lock()
+        # The driver may run on a CPU head node: what scored the rows is told by the actor itself.
+        self.device_name = describe_device(device_info())
+
+    def __call__(self, batch: dict) -> dict:
+        c = Chunk.from_json(str(batch["chunk"][0]))
+        took = dict.fromkeys(STAGES, 0.0)
+        t = time.perf_counter()
         try:
-            values = read_text(InputFile(str(path), str(rel), str(fmt), str(column)))
+            table, values = read_chunk(c)
         except UnreadableFile as e:
-            if on_bad_file == "fail":
+            if self.on_bad_file == "fail":
                 raise
-            yield _rows(file_id, [-1], 0, [None], [UNREADABLE], [str(e)])
-            continue
-        if not values:
-            yield _rows(file_id, [-1], 0, [None], [NO_ROWS], [None])
-            continue
-        texts, status = zip(*map(text_status, values))
-        for start in range(0, len(values), READ_CHUNK):
-            end = min(start + READ_CHUNK, len(values))
-            yield _rows(file_id, np.arange(start, end), len(values), texts[start:end], status[start:end],
-                        [None] * (end - start))
+            return _stats(c, 0, {}, {}, "", took, str(e))
+        took["read"], t = time.perf_counter() - t, time.perf_counter()
+        texts, status = zip(*map(text_status, values)) if values else ((), ())
+        ids, status = self.tokenize(list(texts), list(status))
+        took["tokenize"], t = time.perf_counter() - t, time.perf_counter()
+        with self.model_lock:
+            probs = self.probabilities(ids)
+        took["model"], t = time.perf_counter() - t, time.perf_counter()
+        scored = with_scores(table, probs, status)
+        write_part(scored, f"{self.output}/{c.file.rel}/{part_name(c.index)}")
+        took["write"] = time.perf_counter() - t
+        counts = count_statuses(scored)
+        return _stats(c, scored.num_rows, counts["status"], counts["label"], self.device_name, took, None)
+
+    def tokenize(self, texts: list, status: list) -> tuple[list, list]:
+        """Token ids of the rows to score (empty for the others); `truncated` where the text was cut."""
+        ids: list = [[] for _ in status]
+        todo = [i for i, s in enumerate(status) if s == "ok"]
+        if todo:
+            enc = self.tokenizer([texts[i] for i in todo], truncation=True, max_length=self.max_length,
+                                 return_overflowing_tokens=True, return_attention_mask=False,
+                                 return_token_type_ids=False)
+            # A text longer than max_length comes back as several pieces; its first one is what gets scored.
+            for seq, j in zip(enc["input_ids"], enc["overflow_to_sample_mapping"]):
+                if ids[todo[j]]:
+                    status[todo[j]] = "truncated"
+                else:
+                    ids[todo[j]] = seq
+        return ids, status
+
+    def probabilities(self, ids: list) -> np.ndarray:
+        """(rows, 2) class probabilities; NaN for rows without tokens."""
+        import torch
+
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        probs = np.full((len(ids), 2), np.nan, np.float32)
+        todo = np.flatnonzero(lengths)
+        # Similar lengths in one micro-batch: padding to the longest then costs little.
+        order = todo[np.argsort(lengths[todo], kind="stable")]
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                tokens = np.full((len(idx), lengths[idx].max()), self.pad_id, np.int64)
+                for row, i in enumerate(idx):
+                    tokens[row, :lengths[i]] = ids[i]
+                mask = (np.arange(tokens.shape[1]) < lengths[idx, None]).astype(np.int64)
+                logits = self.model(input_ids=torch.from_numpy(tokens).to(self.device),
+                                    attention_mask=torch.from_numpy(mask).to(self.device)).logits
+                probs[idx] = logits.float().softmax(-1).cpu().numpy()
+        return probs
 
 
 def text_status(value) -> tuple[Optional[str], str]:
@@ -60,104 +124,38 @@ def text_status(value) -> tuple[Optional[str], str]:
     return (value, "ok") if value.strip() else (None, "empty_input")
 
 
-def _rows(file_id, rows, n_rows: int, texts, status, errors) -> pa.Table:
-    return pa.table({"file_id": pa.array(np.full(len(rows), file_id), pa.int32()), "row": pa.array(rows, pa.int64()),
-                     "n_rows": pa.array(np.full(len(rows), n_rows), pa.int64()), "text": pa.array(texts, pa.string()),
-                     "status": pa.array(status, pa.string()), "error": pa.array(errors, pa.string())})
-
-
-def tokenize_task(batch: pa.Table, model: str, max_length: int) -> pa.Table:
-    """Tokenize stage (Ray Data task): token ids of the rows to score; `truncated` where the text was cut."""
-    from raysst.models import load_tokenizer
-
-    if model not in _TOKENIZERS:
-        _TOKENIZERS[model] = load_tokenizer(model)
-    status = batch.column("status").to_pylist()
-    todo = [i for i, s in enumerate(status) if s == "ok"]
-    ids: list = [[] for _ in status]
-    if todo:
-        enc = _TOKENIZERS[model](batch.column("text").take(todo).to_pylist(), truncation=True, max_length=max_length,
-                                 return_overflowing_tokens=True, return_attention_mask=False,
-                                 return_token_type_ids=False)
-        # A text longer than max_length comes back as several chunks; its first one is what gets scored.
-        for seq, j in zip(enc["input_ids"], enc["overflow_to_sample_mapping"]):
-            if ids[todo[j]]:
-                status[todo[j]] = "truncated"
-            else:
-                ids[todo[j]] = seq
-    return (batch.drop_columns(["text", "status"]).append_column("status", pa.array(status, pa.string()))
-            .append_column("input_ids", pa.array(ids, pa.list_(pa.int32()))))
-
-
-class ScoreModelActor:
-    """Model stage (Ray Data actor, one per GPU or per `cpus_per_worker` CPUs): loads the model once."""
-
-    def __init__(self, model: str, use_gpu: bool, precision: str, batch_size: int, threads: int, pad_id: int):
-        import torch
-
-        from raysst.models import describe_device, device_info, load_for_inference
-
-        if not use_gpu:
-            torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = load_for_inference(model, use_gpu, precision)
-        self.batch_size, self.pad_id = batch_size, pad_id
-        # The driver may run on a CPU head node: what scored the rows is told by the actor itself.
-        self.device_name = pa.array([describe_device(device_info())])
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
-        ids = batch.column("input_ids").combine_chunks()
-        offsets, flat = ids.offsets.to_numpy(), ids.values.to_numpy()
-        lengths = np.diff(offsets)
-        probs = np.full((len(lengths), 2), np.nan, np.float32)
-        todo = np.flatnonzero(lengths)
-        # Similar lengths in one micro-batch: padding to the longest then costs little.
-        order = todo[np.argsort(lengths[todo], kind="stable")]
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                positions = np.arange(lengths[idx].max())
-                mask = positions < lengths[idx, None]
-                tokens = np.where(mask, flat[np.minimum(offsets[idx, None] + positions, len(flat) - 1)], self.pad_id)
-                logits = self.model(input_ids=torch.from_numpy(tokens.astype(np.int64)).to(self.device),
-                                    attention_mask=torch.from_numpy(mask.astype(np.int64)).to(self.device)).logits
-                probs[idx] = logits.float().softmax(-1).cpu().numpy()
-        invalid = np.isnan(probs[:, 0])
-        labels = np.where(probs.argmax(1) == 1, LABEL_NAMES[1], LABEL_NAMES[0])
-        return (batch.drop_columns(["input_ids"])
-                .append_column("label", pa.array(labels.astype(object), pa.string(), mask=invalid))
-                .append_column("score", pa.array(probs.max(1).astype(np.float64), mask=invalid))
-                .append_column("prob_positive", pa.array(probs[:, 1].astype(np.float64), mask=invalid))
-                .append_column("device", pa.DictionaryArray.from_arrays(np.zeros(len(lengths), np.int32),
-                                                                         self.device_name)))
-
-
-def write_part_task(f: InputFile, results: pa.Table, part: str) -> dict:
-    """Writer (Ray task): the input file's own columns plus the scores, to `part` via a temporary name."""
-    import pyarrow.parquet as pq
-
-    table, encoding = read_file(f)
-    results = results.sort_by("row")
-    if not np.array_equal(results.column("row").to_numpy(), np.arange(table.num_rows)):
-        raise DataError(f"{f.path}: has {table.num_rows} rows now but {results.num_rows} were scored; "
-                        "did it change during the run?")
+def with_scores(table: pa.Table, probs: np.ndarray, status: list) -> pa.Table:
+    """The input's own columns plus the scores; an input column named like a score column becomes `input_<name>`."""
     taken, names = set(table.column_names) | set(OUTPUT_COLUMNS), []
     for name in table.column_names:
-        if name in OUTPUT_COLUMNS:  # the input's own `label` survives as `input_label`
+        if name in OUTPUT_COLUMNS:
             while name in taken:
                 name = f"input_{name}"
             taken.add(name)
         names.append(name)
-    table = table.rename_columns(names)
-    for name in OUTPUT_COLUMNS:
-        table = table.append_column(name, results.column(name))
-    tmp = Path(part).with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{Path(part).name}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    invalid = np.isnan(probs[:, 0])
+    labels = np.where(probs.argmax(1) == 1, LABEL_NAMES[1], LABEL_NAMES[0]).astype(object)
+    return (table.rename_columns(names)
+            .append_column("label", pa.array(labels, pa.string(), mask=invalid))
+            .append_column("score", pa.array(probs.max(1).astype(np.float64), mask=invalid))
+            .append_column("prob_positive", pa.array(probs[:, 1].astype(np.float64), mask=invalid))
+            .append_column("status", pa.array(status, pa.string())))
+
+
+def write_part(table: pa.Table, part: str) -> None:
+    """Commit a part atomically: locally a temporary name then os.replace; in an object store a single object
+    (one PUT, or a multipart upload, which is invisible until it completes)."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(part)
+    directory, name = path.rsplit("/", 1)
+    fs.create_dir(directory, recursive=True)
+    if "://" in part:
+        pq.write_table(table, path, filesystem=fs)
+        return
+    tmp = f"{directory}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
     pq.write_table(table, tmp)
-    os.replace(tmp, part)
-    return {"rows": table.num_rows, "encoding": encoding, **count_statuses(table)}
+    os.replace(tmp, path)
 
 
 def count_statuses(table: pa.Table) -> dict:
@@ -166,3 +164,20 @@ def count_statuses(table: pa.Table) -> dict:
 
     return {column: {str(v["values"]) if v["values"] is not None else "null": v["counts"]
                      for v in pc.value_counts(table.column(column)).to_pylist()} for column in ("status", "label")}
+
+
+def _stats(c: Chunk, rows: int, status: dict, label: dict, device: str, took: dict, error: Optional[str]) -> dict:
+    """The one row per chunk that reaches the driver."""
+    return {"rel": [c.file.rel], "path": [c.file.path], "index": [c.index], "rows": [rows],
+            "counts": [json.dumps({"status": status, "label": label, "device": {device: rows} if rows else {},
+                                   "seconds": took})], "error": [error or ""]}
+
+
+def add_counts(totals: Counter, counts: dict) -> None:
+    """Fold one chunk's counts (from `_stats` or a committed part) into the run's totals."""
+    totals["rows"] += counts.get("rows", 0)
+    for key in ("status", "label", "device"):
+        for k, v in counts.get(key, {}).items():
+            totals[(key, k)] += v
+    for k, v in counts.get("seconds", {}).items():
+        totals[("seconds", k)] += v

@@ -1,0 +1,92 @@
+"""The scorer's plan: what is committed under the output, and which chunks of the input are still to score."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+from raysst.chunks import Chunk, plan_chunks
+from raysst.config import Config
+from raysst.corpus import UnreadableFile, list_input_files, scan_file
+from raysst.score_workers import TMP_PREFIX, add_counts, count_statuses
+from raysst.storage import filesystem, read_text, write_text
+
+PLAN_FILE = "_plan.json"  # the chunk size the parts were cut with: a rerun must cut the same chunks
+PART = re.compile(r"part-(\d{5,})\.parquet$")
+
+
+def committed_parts(output: str) -> dict[str, dict[int, str]]:
+    """{input rel: {chunk index: part path}} of the parts under `output` (temporary files are not parts)."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(output)
+    uri = output.split("://")[0] + "://" if "://" in output else ""
+    found: dict = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        rel = info.path[len(root) + 1:]
+        match = PART.search(rel)
+        if info.type != pafs.FileType.File or not match or rel.startswith(("_", ".")):
+            continue
+        found.setdefault(rel.rpartition("/")[0], {})[int(match.group(1))] = uri + info.path
+    return found
+
+
+def plan(cfg: Config, output: str) -> tuple[list[Chunk], dict, list[dict], list[str], dict]:
+    """Chunks still to score, committed parts by file, files skipped as unreadable, files ignored, and
+    the encoding of each file not read as UTF-8.
+
+    Runs before any model loads: a missing text or id column fails here, naming the file and its columns.
+    """
+    files, ignored = list_input_files(cfg.input, exclude=output)
+    done = committed_parts(output)
+    todo, skipped, decoded, resumed = [], [], {}, {}
+    for f in files:
+        try:
+            chunks = plan_chunks(scan_file(f, cfg.text_column, cfg.id_column), cfg.chunk_rows)
+        except UnreadableFile as e:
+            if cfg.on_bad_file == "fail":
+                raise
+            skipped.append({"file": f.path, "error": str(e)})
+            continue
+        if chunks[0].file.encoding != "utf-8":
+            decoded[f.rel] = chunks[0].file.encoding
+        have = done.get(f.rel, {})
+        if have:
+            resumed[f.rel] = {c.index: have[c.index] for c in chunks if c.index in have}
+        todo.extend(c for c in chunks if c.index not in have)
+    return todo, resumed, skipped, ignored, decoded
+
+
+def check_plan_file(output: str, chunk_rows: int) -> None:
+    """Parts cut with another chunk size would overlap the new ones: refuse rather than duplicate rows."""
+    path = f"{output}/{PLAN_FILE}"
+    try:
+        before = json.loads(read_text(path))["chunk_rows"]
+    except (FileNotFoundError, OSError):
+        write_text(path, json.dumps({"chunk_rows": chunk_rows}))
+        return
+    if before != chunk_rows:
+        raise ValueError(f"{output}: its parts were cut with --chunk-rows {before}, not {chunk_rows}; rerun with "
+                         f"--chunk-rows {before} to resume, or use a new --output")
+
+
+def count_parts(parts: dict) -> Counter:
+    """Rows, statuses and labels of a file's committed parts (one part in memory at a time)."""
+    import pyarrow.parquet as pq
+
+    totals: Counter = Counter()
+    for path in parts.values():
+        fs, p = filesystem(path)
+        table = pq.read_table(p, columns=["status", "label"], filesystem=fs)
+        add_counts(totals, {**count_statuses(table), "rows": table.num_rows})
+    return totals
+
+
+def remove_temporaries(output: str) -> None:
+    """Half-written parts of a killed run (local output only: an object store shows no partial object)."""
+    if "://" not in output:
+        from pathlib import Path
+
+        for stale in Path(output).rglob(f"{TMP_PREFIX}*"):
+            stale.unlink()
