@@ -141,7 +141,7 @@ def _first_lines(fh, n: int) -> bytes:
         if not block:
             break
         out.write(block)
-    return b"".join(out.getvalue().split(b"\n", n)[:n])
+    return b"\n".join(out.getvalue().split(b"\n", n)[:n])
 
 
 def scan_file(f: InputFile, text_column: Optional[str] = None, id_column: Optional[str] = None) -> InputFile:

@@ -21,6 +21,7 @@ from collections import Counter
 from raysst.capacity import CapacityError, wait_for_capacity
 from raysst.chunks import Chunk
 from raysst.config import Config, expand_path
+from raysst.corpus import UnreadableFile
 from raysst.data import LABEL_NAMES, DataError
 from raysst.score_plan import check_plan_file, committed_parts, count_parts, plan, remove_temporaries
 from raysst.score_workers import CHUNKS_IN_ACTOR, STAGES, STATUSES, TMP_PREFIX, ChunkScorer, add_counts
@@ -58,7 +59,7 @@ def build_pipeline(todo: list[Chunk], cfg: Config, model: str, output: str):
                                            enable_true_multi_threading=True),
         fn_constructor_kwargs={"model": model, "use_gpu": cfg.use_gpu, "precision": cfg.precision,
                                "batch_size": cfg.eval_batch_size, "threads": cfg.cpus_per_worker,
-                               "max_length": cfg.max_seq_length, "output": output, "on_bad_file": cfg.on_bad_file},
+                               "max_length": cfg.max_seq_length, "output": output},
         num_cpus=1 if cfg.use_gpu else cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)
 
 
@@ -89,7 +90,8 @@ def score_driver_fn(cfg: Config) -> dict:
     wait_for_capacity({"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}, cfg.num_actors,
                       "scoring", "Lower --num-workers or --cpus-per-worker" + (", or drop --use-gpu" * cfg.use_gpu),
                       cfg.wait_for_nodes)
-    scored = _run(build_pipeline(todo, cfg, model, output), todo, per_file, skipped, t0) if todo else Counter()
+    scored = _run(build_pipeline(todo, cfg, model, output), todo, per_file, skipped, cfg.on_bad_file == "fail",
+                  t0) if todo else Counter()
     failed = {s.pop("rel") for s in skipped if "rel" in s}
     if failed:  # a file found unreadable part-way keeps no parts: its rows are all or nothing
         parts = committed_parts(output)
@@ -98,7 +100,7 @@ def score_driver_fn(cfg: Config) -> dict:
                 fs, path = filesystem(part)
                 fs.delete_file(path)
             per_file.pop(rel, None)
-    files_read = {k[1] for k in scored if isinstance(k, tuple) and k[0] == "file"} - failed
+    files_read = set(_keyed(scored, "file")) - failed
     totals = sum(per_file.values(), Counter())
     wall = time.perf_counter() - t0
     summary = {
@@ -114,7 +116,7 @@ def score_driver_fn(cfg: Config) -> dict:
         "seconds_by_stage": {"plan": round(plan_s, 3),
                              **{s: round(scored[("seconds", s)], 3) for s in STAGES}},
         "hardware": {"model_actors": cfg.num_actors,
-                     "rows_by_actor_device": {k[1]: v for k, v in scored.items() if isinstance(k, tuple) and k[0] == "device"},
+                     "rows_by_actor_device": _keyed(scored, "device"),
                      "device": "cuda" if cfg.use_gpu else "cpu",
                      "dtype": precision_name(cfg.use_gpu, cfg.precision),
                      "cpus_per_actor": cfg.cpus_per_worker, "gpus_per_actor": int(cfg.use_gpu),
@@ -127,33 +129,29 @@ def score_driver_fn(cfg: Config) -> dict:
     return summary
 
 
-def _run(ds, todo: list[Chunk], per_file: dict, skipped: list, t0: float) -> Counter:
+def _run(ds, todo: list[Chunk], per_file: dict, skipped: list, fail: bool, t0: float) -> Counter:
     """Drive the pipeline; the driver sees one row of counts per chunk. Returns this run's counts."""
     known = sum(c.stop - c.start for c in todo if c.file.fmt == "parquet")
     scored: Counter = Counter()
     last = time.perf_counter()
-    try:
-        for row in ds.iter_rows():
-            rel = str(row["rel"])
-            if row["error"]:
-                if rel not in {s.get("rel") for s in skipped}:
-                    skipped.append({"file": str(row["path"]), "error": str(row["error"]), "rel": rel})
-                continue
-            counts = {**json.loads(row["counts"]), "rows": int(row["rows"])}
-            for target in (per_file.setdefault(rel, Counter()), scored):
-                add_counts(target, counts)
-            scored[("file", rel)] = 1
-            scored["chunks"] += 1
-            if time.perf_counter() - last > PROGRESS_EVERY_S:
-                last = time.perf_counter()
-                print(f"[raysst] score: {scored['rows']:,} rows ({scored['chunks']}/{len(todo)} chunks"
-                      f"{f', {known:,} parquet rows in all' if known else ''}), "
-                      f"{scored['rows'] / (last - t0):,.0f} rows/s", flush=True)
-    except Exception as e:
-        cause = _user_error(e)
-        if cause is not None:
-            raise type(cause)(str(cause)) from e
-        raise
+    for row in ds.iter_rows():
+        rel = str(row["rel"])
+        if row["error"]:
+            if fail:  # raised here, not in the actor: a Ray task error would hide the UnreadableFile
+                raise UnreadableFile(str(row["error"]))
+            if rel not in {s.get("rel") for s in skipped}:
+                skipped.append({"file": str(row["path"]), "error": str(row["error"]), "rel": rel})
+            continue
+        counts = {**json.loads(row["counts"]), "rows": int(row["rows"])}
+        for target in (per_file.setdefault(rel, Counter()), scored):
+            add_counts(target, counts)
+        scored[("file", rel)] = 1
+        scored["chunks"] += 1
+        if time.perf_counter() - last > PROGRESS_EVERY_S:
+            last = time.perf_counter()
+            print(f"[raysst] score: {scored['rows']:,} rows ({scored['chunks']}/{len(todo)} chunks"
+                  f"{f', {known:,} parquet rows in all' if known else ''}), "
+                  f"{scored['rows'] / (last - t0):,.0f} rows/s", flush=True)
     return scored
 
 
@@ -170,19 +168,13 @@ def _write_summary(output: str, summary: dict) -> None:
     os.replace(tmp, f"{output}/{SUMMARY_FILE}")
 
 
+def _keyed(counts: Counter, kind: str) -> dict:
+    """{name: count} of the (kind, name) keys of `counts`."""
+    return {k[1]: v for k, v in counts.items() if isinstance(k, tuple) and k[0] == kind}
+
+
 def _resources(have: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in have.items() if k in ("CPU", "GPU")) or "nothing"
-
-
-def _user_error(e: BaseException):
-    """The data error (e.g. an unreadable file) inside a Ray task failure, if that is what failed."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, DataError):
-            return e
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    return None
 
 
 def read_scored(output_dir: str):

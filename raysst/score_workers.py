@@ -38,7 +38,7 @@ class ChunkScorer:
     """Model stage (Ray Data actor, one per GPU or per `cpus_per_worker` CPUs): loads the model once."""
 
     def __init__(self, model: str, use_gpu: bool, precision: str, batch_size: int, threads: int, max_length: int,
-                 output: str, on_bad_file: str):
+                 output: str):
         import torch
 
         from raysst.models import describe_device, device_info, load_for_inference, load_tokenizer
@@ -49,7 +49,7 @@ class ChunkScorer:
         self.model = load_for_inference(model, use_gpu, precision)
         self.tokenizer = load_tokenizer(model)
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self.batch_size, self.max_length, self.output, self.on_bad_file = batch_size, max_length, output, on_bad_file
+        self.batch_size, self.max_length, self.output = batch_size, max_length, output
         self.model_lock = threading.Lock()
         # The driver may run on a CPU head node: what scored the rows is told by the actor itself.
         self.device_name = describe_device(device_info())
@@ -60,9 +60,7 @@ class ChunkScorer:
         t = time.perf_counter()
         try:
             table, values = read_chunk(c)
-        except UnreadableFile as e:
-            if self.on_bad_file == "fail":
-                raise
+        except UnreadableFile as e:  # the driver fails or skips the file, by --on-bad-file
             return _stats(c, 0, {}, {}, "", took, str(e))
         took["read"], t = time.perf_counter() - t, time.perf_counter()
         texts, status = zip(*map(text_status, values)) if values else ((), ())

@@ -18,7 +18,7 @@ import pytest
 from raysst.config import Config
 from raysst.corpus import decode, list_input_files, read_text, scan_file
 from raysst.data import DataError
-from raysst.score import SUMMARY_FILE, part_path, read_scored, score_driver_fn
+from raysst.score import SUMMARY_FILE, read_scored, score_driver_fn
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -118,7 +118,7 @@ def test_every_input_row_is_scored_once_with_its_status(scored):
     assert len(read_scored(cfg.output)) == n_rows
     statuses = {}
     for rel, rows in expect.items():
-        part = pq.read_table(Path(cfg.output) / (rel if rel.endswith(".parquet") else rel + ".parquet")).to_pandas()
+        part = read_scored(f"{cfg.output}/{rel}")
         got = part.status.tolist()
         want = ["truncated" if st == "ok" and _n_tokens(cfg.model, t) > MAX_LEN else st for t, st in rows]
         assert got == want, rel
@@ -152,7 +152,7 @@ def test_labels_equal_a_direct_forward_pass(scored):
     cfg, expect, _ = scored
     texts, labels, probs = [], [], []
     for rel, rows in expect.items():
-        part = pq.read_table(Path(cfg.output) / (rel if rel.endswith(".parquet") else rel + ".parquet")).to_pandas()
+        part = read_scored(f"{cfg.output}/{rel}")
         for (text, _), label, p in zip(rows, part.label, part.prob_positive):
             if text is not None and text.strip():
                 texts.append(text)
@@ -171,9 +171,9 @@ def test_rerun_after_interruption_gives_one_row_per_input_row(scored):
     cfg, expect, first = scored
     out = Path(cfg.output)
     # An interrupted run leaves some files unwritten and, at worst, a half-written temporary part.
-    (out / "nested" / "b.parquet").unlink()
-    (out / "d.jsonl.parquet").unlink()
-    (out / "_tmp-deadbeef-a.parquet").write_bytes(b"PAR1 half a file")
+    (out / "nested" / "b.parquet" / "part-00000.parquet").unlink()
+    (out / "d.jsonl" / "part-00000.parquet").unlink()
+    (out / "a.parquet" / "_tmp-deadbeef-part-00001.parquet").write_bytes(b"PAR1 half a file")
     summary = score_driver_fn(cfg.replace(num_actors=1))
     assert summary["files_resumed"] == len(expect) - 2 and summary["files_read"] == 2
     assert summary["rows_scored_this_run"] == len(expect["nested/b.parquet"]) + len(expect["d.jsonl"])
@@ -281,8 +281,7 @@ def test_input_forms_and_encodings(tmp_path, sst2_small):
     (tmp_path / "bom.csv").write_bytes("\ufeffsentence,idx\nnaïve,1\n".encode("utf-8"))  # as Excel writes it
     bom = scan_file(list_input_files(str(tmp_path / "bom.csv"))[0][0])
     assert bom.text_column == "sentence" and read_text(bom) == ["naïve"]
-    assert scan_file(files[1]).num_rows == 3 and part_path(Path("/o"), files[0]) == Path("/o/sub/y.parquet")
-    assert part_path(Path("/o"), files[2]) == Path("/o/z.txt.parquet")
+    assert scan_file(files[1]).num_rows == 3
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_input_files(str(tmp_path / "nope"))
     with pytest.raises(DataError, match="unsupported format"):
