@@ -18,7 +18,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from raysst.config import PACKAGED_MINILM, PRECISIONS, Config  # noqa: E402
+from raysst.proctree import ProcessTree  # noqa: E402
 from raysst.score import read_scored, score_driver_fn  # noqa: E402
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
@@ -60,56 +60,6 @@ def minilm_classifier(directory: Path) -> str:
     load_classifier(PACKAGED_MINILM).save_pretrained(directory)
     load_tokenizer(PACKAGED_MINILM).save_pretrained(directory)
     return str(directory)
-
-
-class ProcessTree:
-    """Samples this process and its descendants (a local Ray's workers) in a thread: peak RSS, CPU seconds.
-
-    CPU seconds do not depend on what else the machine runs as much as rows/s do; processes that exit
-    between samples (e.g. an actor at the end) lose at most one sampling interval.
-    """
-
-    def __init__(self, every_s: float = 0.25):
-        import psutil
-
-        self.me, self.every_s, self.peak_total, self.peak_driver = psutil.Process(), every_s, 0, 0
-        self._cpu: dict = {}
-        self._start = self._cpu_now()
-        self._stop = threading.Event()
-
-    def _cpu_now(self) -> dict:
-        import psutil
-
-        seen = {}
-        for proc in [self.me, *self.me.children(recursive=True)]:
-            try:
-                t = proc.cpu_times()
-                seen[(proc.pid, proc.create_time())] = (t.user + t.system, proc.memory_info().rss)
-            except psutil.Error:
-                pass
-        return seen
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            now = self._cpu_now()
-            self._cpu.update(now)
-            self.peak_total = max(self.peak_total, sum(rss for _, rss in now.values()))
-            self.peak_driver = max(self.peak_driver, self.me.memory_info().rss)
-            self._stop.wait(self.every_s)
-
-    @property
-    def cpu_seconds(self) -> float:
-        return sum(cpu - self._start.get(key, (0.0, 0))[0] for key, (cpu, _) in self._cpu.items())
-
-    def __enter__(self) -> "ProcessTree":
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._cpu.update(self._cpu_now())
 
 
 def run_job(cfg: Config, output: Path) -> dict:

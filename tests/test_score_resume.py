@@ -1,0 +1,147 @@
+"""Scoring as whole jobs (`jobs/score.py` in its own process group and local Ray): SIGKILL at a random point
+then rerun gives exactly one row per input row; an s3:// corpus to an s3:// output on a real S3-compatible
+server; peak memory does not grow with the size of one file."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raysst.proctree import ProcessTree, kill_job, start_job
+from raysst.score import SUMMARY_FILE, read_scored
+
+pytestmark = pytest.mark.timeout(600)
+
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+ROWS, CHUNK = 20_000, 1_000
+
+
+def corpus_rows(n: int) -> pd.DataFrame:
+    """n SST-2 train phrases, each made unique by its row number (rows without an id stay tellable apart)."""
+    texts = pd.read_parquet(SST2 / "train.parquet").sentence.head(n).tolist()
+    texts = (texts * (n // len(texts) + 1))[:n]
+    return pd.DataFrame({"sentence": [f"{t} #{i}" for i, t in enumerate(texts)], "idx": range(n)})
+
+
+def write_input(rows: pd.DataFrame, path: Path, fmt: str) -> None:
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), path, row_group_size=2 * CHUNK)
+    elif fmt == "csv":
+        rows[["sentence"]].to_csv(path, index=False)
+    else:
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows.sentence))
+
+
+def job_args(model: str, src: str, out: str, *extra: str) -> list[str]:
+    return ["jobs/score.py", "--model", model, "--input", src, "--output", out, "--num-workers", "1",
+            "--batch-size", "64", "--max-seq-length", "32", *extra]
+
+
+def run_to_end(args: list[str], timeout: float = 400) -> None:
+    proc, mark = start_job(args, stdout=-1, stderr=-2, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        kill_job(proc, mark)  # a finished job leaves nothing; a timed-out one is ended whole
+    assert proc.returncode == 0, out[-3000:]
+
+
+@pytest.mark.parametrize("fmt, id_args", [("parquet", ["--id-column", "idx"]), ("csv", []), ("jsonl", [])])
+def test_killed_job_reruns_only_uncommitted_chunks(tmp_path, tiny_model, fmt, id_args):
+    rows = corpus_rows(ROWS)
+    src, out = tmp_path / f"in.{fmt}", tmp_path / "out"
+    write_input(rows, src, fmt)
+    args = job_args(tiny_model, str(src), str(out), "--chunk-rows", str(CHUNK), *id_args)
+    proc, mark = start_job(args, stdout=-3, stderr=-3)
+    try:
+        deadline = time.time() + 300
+        while not list(out.glob("*/part-*.parquet")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(random.uniform(0, 2.0))  # somewhere after the first commit, maybe mid-write
+        assert proc.poll() is None, "the job finished before it could be killed; raise ROWS"
+    finally:
+        kill_job(proc, mark)
+    killed_with = len(list(out.glob("*/part-*.parquet")))
+    assert 1 <= killed_with < ROWS // CHUNK
+    run_to_end(args)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    scored = read_scored(str(out))
+    text = "sentence" if fmt != "jsonl" else "text"
+    assert scored[text].tolist() == rows.sentence.tolist()  # every row once, in input order
+    assert summary["rows_out"] == ROWS and summary["status_counts"]["ok"] + summary["status_counts"]["truncated"] == ROWS
+    assert summary["chunks"]["resumed"] >= killed_with and summary["rows_scored_this_run"] < ROWS
+    assert summary["rows_scored_this_run"] == ROWS - summary["chunks"]["resumed"] * CHUNK
+    assert not list(out.rglob("_tmp-*"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto S3 server on localhost for this test, and a bucket; jobs reach it through AWS_* variables."""
+    from moto.server import ThreadedMotoServer
+    from pyarrow.fs import S3FileSystem
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    fs = S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", scheme="http", region="us-east-1",
+                      access_key="test", secret_key="test", allow_bucket_creation=True)
+    fs.create_dir("corpus")
+    yield fs
+    server.stop()
+
+
+def test_s3_corpus_to_s3_output(s3, tiny_model):
+    from pyarrow.fs import FileSelector
+
+    rows = corpus_rows(3000)
+    with s3.open_output_stream("corpus/in/big.parquet") as f:
+        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), f, row_group_size=1000)
+    with s3.open_output_stream("corpus/in/sub/small.csv") as f:
+        f.write(rows.head(10)[["sentence"]].to_csv(index=False).encode())
+    run_to_end(job_args(tiny_model, "s3://corpus/in", "s3://corpus/out", "--chunk-rows", "500"))
+    scored = read_scored("s3://corpus/out")
+    assert len(scored) == 3010 and scored.sentence.tolist() == rows.sentence.tolist() + rows.sentence.head(10).tolist()
+    parts = sorted(i.path for i in s3.get_file_info(FileSelector("corpus/out", recursive=True)))
+    assert "corpus/out/big.parquet/part-00005.parquet" in parts and "corpus/out/sub/small.csv/part-00000.parquet" in parts
+    with s3.open_input_stream("corpus/out/_summary.json") as f:
+        summary = json.loads(f.read())
+    assert summary["rows_out"] == 3010 and summary["chunks"]["scored_this_run"] == 7
+    assert read_scored("s3://corpus/out/sub/small.csv").sentence.tolist() == rows.sentence.head(10).tolist()
+
+
+def peak_rss(args: list[str]) -> int:
+    proc, mark = start_job(args, stdout=-3, stderr=-3)
+    try:
+        with ProcessTree(every_s=0.1, pid=proc.pid) as tree:
+            proc.wait(timeout=500)
+    finally:
+        kill_job(proc, mark)
+    assert proc.returncode == 0
+    return tree.peak_total
+
+
+def test_peak_memory_does_not_grow_with_the_file(tmp_path, tiny_model):
+    """200k vs 20k rows in one parquet file (10k-row chunks): the job's whole process tree within 25%."""
+    peaks = {}
+    for n in (20_000, 200_000):
+        src = tmp_path / f"in{n}.parquet"
+        pq.write_table(pa.Table.from_pandas(corpus_rows(n), preserve_index=False), src, row_group_size=10_000)
+        peaks[n] = peak_rss(job_args(tiny_model, str(src), str(tmp_path / f"out{n}"), "--chunk-rows", "10000"))
+    assert peaks[200_000] <= 1.25 * peaks[20_000], {n: f"{p / 2**30:.2f} GiB" for n, p in peaks.items()}
