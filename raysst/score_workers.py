@@ -7,6 +7,7 @@ so reading and tokenizing the next chunk overlap the forward passes of this one 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -40,6 +41,7 @@ class ChunkScorer:
     def __init__(self, model: str, use_gpu: bool, precision: str, batch_size: int, threads: int, max_length: int,
                  output: str):
         import torch
+        from tokenizers import Tokenizer
 
         from raysst.models import describe_device, device_info, load_for_inference, load_tokenizer
 
@@ -47,9 +49,14 @@ class ChunkScorer:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = load_for_inference(model, use_gpu, precision)
-        self.tokenizer = load_tokenizer(model)
-        self.pad_id = self.tokenizer.pad_token_id or 0
-        self.batch_size, self.max_length, self.output = batch_size, max_length, output
+        tokenizer = load_tokenizer(model)
+        if not tokenizer.is_fast:
+            raise ValueError(f"{model}: scoring needs a fast (Rust) tokenizer; this model has a Python one only")
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # its own settings, not the wrapper's
+        self.backend.enable_truncation(max_length)
+        self.backend.no_padding()
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.batch_size, self.output = batch_size, output
         self.model_lock = threading.Lock()
         # The driver may run on a CPU head node: what scored the rows is told by the actor itself.
         self.device_name = describe_device(device_info())
@@ -64,10 +71,10 @@ class ChunkScorer:
             return _stats(c, 0, {}, {}, "", took, str(e))
         took["read"], t = time.perf_counter() - t, time.perf_counter()
         texts, status = zip(*map(text_status, values)) if values else ((), ())
-        ids, status = self.tokenize(list(texts), list(status))
+        flat, lengths, status = self.tokenize(list(texts), list(status))
         took["tokenize"], t = time.perf_counter() - t, time.perf_counter()
         with self.model_lock:
-            probs = self.probabilities(ids)
+            probs = self.probabilities(flat, lengths)
         took["model"], t = time.perf_counter() - t, time.perf_counter()
         scored = with_scores(table, probs, status)
         write_part(scored, f"{self.output}/{c.file.rel}/{part_name(c.index)}")
@@ -75,40 +82,35 @@ class ChunkScorer:
         counts = count_statuses(scored)
         return _stats(c, scored.num_rows, counts["status"], counts["label"], self.device_name, took, None)
 
-    def tokenize(self, texts: list, status: list) -> tuple[list, list]:
-        """Token ids of the rows to score (empty for the others); `truncated` where the text was cut."""
-        ids: list = [[] for _ in status]
+    def tokenize(self, texts: list, status: list) -> tuple[np.ndarray, np.ndarray, list]:
+        """Token ids of the rows to score, flat, and each row's length (0 for the others); `truncated` where
+        the text was cut. The Rust tokenizer is called directly: the transformers wrapper costs ~40% more."""
         todo = [i for i, s in enumerate(status) if s == "ok"]
-        if todo:
-            enc = self.tokenizer([texts[i] for i in todo], truncation=True, max_length=self.max_length,
-                                 return_overflowing_tokens=True, return_attention_mask=False,
-                                 return_token_type_ids=False)
-            # A text longer than max_length comes back as several pieces; its first one is what gets scored.
-            for seq, j in zip(enc["input_ids"], enc["overflow_to_sample_mapping"]):
-                if ids[todo[j]]:
-                    status[todo[j]] = "truncated"
-                else:
-                    ids[todo[j]] = seq
-        return ids, status
+        encodings = self.backend.encode_batch([texts[i] for i in todo])
+        lengths = np.zeros(len(status), np.int64)
+        lengths[todo] = [len(e.ids) for e in encodings]
+        for i, e in zip(todo, encodings):
+            if e.overflowing:  # what did not fit in max_length
+                status[i] = "truncated"
+        return np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int64), lengths, status
 
-    def probabilities(self, ids: list) -> np.ndarray:
+    def probabilities(self, flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """(rows, 2) class probabilities; NaN for rows without tokens."""
         import torch
 
-        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-        probs = np.full((len(ids), 2), np.nan, np.float32)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        probs = np.full((len(lengths), 2), np.nan, np.float32)
         todo = np.flatnonzero(lengths)
         # Similar lengths in one micro-batch: padding to the longest then costs little.
         order = todo[np.argsort(lengths[todo], kind="stable")]
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                tokens = np.full((len(idx), lengths[idx].max()), self.pad_id, np.int64)
-                for row, i in enumerate(idx):
-                    tokens[row, :lengths[i]] = ids[i]
-                mask = (np.arange(tokens.shape[1]) < lengths[idx, None]).astype(np.int64)
+                positions = np.arange(lengths[idx].max())
+                mask = positions < lengths[idx, None]
+                tokens = np.where(mask, flat[np.minimum(offsets[idx, None] + positions, len(flat) - 1)], self.pad_id)
                 logits = self.model(input_ids=torch.from_numpy(tokens).to(self.device),
-                                    attention_mask=torch.from_numpy(mask).to(self.device)).logits
+                                    attention_mask=torch.from_numpy(mask.astype(np.int64)).to(self.device)).logits
                 probs[idx] = logits.float().softmax(-1).cpu().numpy()
         return probs
 
