@@ -5,6 +5,7 @@
     python bench/bench_score.py gpu     # bert-base-shaped model, bf16, on the GPUs of this machine
     python bench/bench_score.py whole   # `jobs/score.py` with default flags vs a pipeline script, whole processes
     python bench/bench_score.py whole --precision int8   # the same, the job's Linear layers in dynamic int8
+    python bench/bench_score.py bigfile # one 1M-row parquet file: rows/s, peak RSS, time by stage; kill at 50%, rerun
 
 The job's rows/s include starting its actors and loading the model (not starting Ray); the pipeline's
 include only inference. Both run in the same process, one after the other, `--repeats` times.
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -140,7 +142,6 @@ def bench_whole(args, work: Path) -> None:
     """What a user feels: `python jobs/score.py` with no sizing flags (its own Ray start included) and
     `--precision` against a script that reads the same file, runs `pipeline(batch_size=32)` (fp32) and writes
     parquet, on validation sentences."""
-    import subprocess
 
     val = pd.read_parquet(SST2 / "validation.parquet").sentence.tolist()
     texts = (val * (args.whole_rows // len(val) + 1))[:args.whole_rows]
@@ -191,9 +192,54 @@ def bench_gpu(args, work: Path) -> None:
               "incl. actor start and model load; target >= 20,000)", flush=True)
 
 
+def bench_bigfile(args, work: Path) -> None:
+    """One big parquet file (row groups of 100k), tiny BERT (hidden 64, 2 layers), `jobs/score.py` as a whole
+    process: rows/s, peak RSS of its process tree, time by stage; then killed once half its chunks are
+    committed and rerun: the rerun's wall time as a share of a full run's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raysst.models import make_random_model
+    from raysst.proctree import kill_job, start_job
+
+    model = make_random_model(str(work / "tiny64"), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=128, max_position_embeddings=128)
+    data = work / "big.parquet"
+    pq.write_table(pa.table({"sentence": sst2_sentences(args.big_rows), "idx": np.arange(args.big_rows)}), data,
+                   row_group_size=100_000)
+    chunks = -(-args.big_rows // 100_000)
+
+    def job(out: str, stop_at_parts: int = 0) -> tuple[float, ProcessTree]:
+        proc, mark = start_job(["jobs/score.py", "--model", model, "--input", str(data), "--output", out,
+                                "--batch-size", str(args.batch_size)], stdout=subprocess.DEVNULL)
+        t0 = time.perf_counter()
+        try:
+            with ProcessTree(pid=proc.pid) as tree:
+                while proc.poll() is None:
+                    if stop_at_parts and len(list(Path(out).glob("*/part-*.parquet"))) >= stop_at_parts:
+                        break
+                    time.sleep(0.1)
+        finally:
+            kill_job(proc, mark)
+        return time.perf_counter() - t0, tree
+
+    wall, tree = job(str(work / "big_out"))
+    summary = json.loads((work / "big_out" / "_summary.json").read_text())
+    print(f"bigfile: {args.big_rows:,} rows in one parquet file: {summary['rows_per_second']:,.0f} rows/s "
+          f"(job's own wall {summary['wall_seconds']:.1f} s; process {wall:.1f} s incl. Ray start), peak RSS "
+          f"{tree.peak_total / 2**30:.2f} GiB; actor-seconds by stage {summary['seconds_by_stage']}; {load()}",
+          flush=True)
+    job(str(work / "big_killed"), stop_at_parts=chunks // 2)
+    rerun, _ = job(str(work / "big_killed"))
+    again = json.loads((work / "big_killed" / "_summary.json").read_text())
+    print(f"bigfile: killed at {chunks // 2}/{chunks} chunks, rerun scored {again['rows_scored_this_run']:,} rows in "
+          f"{rerun:.1f} s = {rerun / wall:.0%} of a full run; rows out {again['rows_out']:,}; {load()}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="*", default=["speed", "scale"], choices=["speed", "scale", "gpu", "whole"])
+    parser.add_argument("parts", nargs="*", default=["speed", "scale"],
+                        choices=["speed", "scale", "gpu", "whole", "bigfile"])
     parser.add_argument("--rows", type=int, default=20_000, help="speed: sentences scored")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--num-workers", type=int, default=os.cpu_count(), help="model actors (default: one per core)")
@@ -204,6 +250,7 @@ def main() -> None:
     parser.add_argument("--whole-rows", type=int, default=10_464, help="whole: rows (12 x the validation set)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="whole: the job's --precision")
     parser.add_argument("--gpu-rows", type=int, default=500_000)
+    parser.add_argument("--big-rows", type=int, default=1_000_000, help="bigfile: rows of the one file")
     parser.add_argument("--gpu-batch-size", type=int, default=512)
     parser.add_argument("--workdir", help="keep corpora and outputs here (default: a temporary directory)")
     args = parser.parse_args()
@@ -212,12 +259,13 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from raysst.runtime import init_ray
 
-    if set(args.parts) - {"whole"}:  # `whole` times jobs that start their own Ray, as a user's would
+    if set(args.parts) - {"whole", "bigfile"}:  # `whole` times jobs that start their own Ray, as a user's would
         init_ray()  # started before any timing: a cluster is already up when a real job is submitted
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         for part in args.parts:
-            {"speed": bench_speed, "scale": bench_scale, "gpu": bench_gpu, "whole": bench_whole}[part](args, work)
+            {"speed": bench_speed, "scale": bench_scale, "gpu": bench_gpu, "whole": bench_whole,
+             "bigfile": bench_bigfile}[part](args, work)
 
 
 if __name__ == "__main__":
