@@ -71,7 +71,7 @@ def test_submit_score_job(ray_head, tiny_model, sst2_small, tmp_path):
            "--output", str(tmp_path / "scored"))
     summary = json.loads((tmp_path / "scored" / "_summary.json").read_text())
     assert summary["rows_in"] == summary["rows_out"] == 101
-    assert (tmp_path / "scored" / "validation.parquet").exists()
+    assert (tmp_path / "scored" / "validation.parquet" / "part-00000.parquet").exists()
 
 
 @pytest.mark.timeout(600)
