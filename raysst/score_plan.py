@@ -13,7 +13,7 @@ from raysst.score_workers import TMP_PREFIX, add_counts, count_statuses
 from raysst.storage import filesystem, read_text, write_text
 
 PLAN_FILE = "_plan.json"  # the chunk size the parts were cut with: a rerun must cut the same chunks
-PART = re.compile(r"part-(\d{5,})\.parquet$")
+PART = re.compile(r"^part-(\d{5,})\.parquet$")  # matched to the whole name: `_tmp-...-part-00001.parquet` is none
 
 
 def committed_parts(output: str) -> dict[str, dict[int, str]]:
@@ -24,11 +24,11 @@ def committed_parts(output: str) -> dict[str, dict[int, str]]:
     uri = output.split("://")[0] + "://" if "://" in output else ""
     found: dict = {}
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
-        rel = info.path[len(root) + 1:]
-        match = PART.search(rel)
-        if info.type != pafs.FileType.File or not match or rel.startswith(("_", ".")):
+        directory, _, name = info.path[len(root) + 1:].rpartition("/")
+        match = PART.match(name)
+        if info.type != pafs.FileType.File or not match or directory.startswith(("_", ".")):
             continue
-        found.setdefault(rel.rpartition("/")[0], {})[int(match.group(1))] = uri + info.path
+        found.setdefault(directory, {})[int(match.group(1))] = uri + info.path
     return found
 
 

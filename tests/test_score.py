@@ -173,7 +173,7 @@ def test_rerun_after_interruption_gives_one_row_per_input_row(scored):
     # An interrupted run leaves some files unwritten and, at worst, a half-written temporary part.
     (out / "nested" / "b.parquet" / "part-00000.parquet").unlink()
     (out / "d.jsonl" / "part-00000.parquet").unlink()
-    (out / "a.parquet" / "_tmp-deadbeef-part-00001.parquet").write_bytes(b"PAR1 half a file")
+    (out / "nested" / "b.parquet" / "_tmp-deadbeef-part-00000.parquet").write_bytes(b"PAR1 half a file")
     summary = score_driver_fn(cfg.replace(num_actors=1))
     assert summary["files_resumed"] == len(expect) - 2 and summary["files_read"] == 2
     assert summary["rows_scored_this_run"] == len(expect["nested/b.parquet"]) + len(expect["d.jsonl"])
