@@ -1,0 +1,164 @@
+"""A local twin of cluster.yaml for tests: a CPU head whose autoscaler adds fake "GPU" nodes on this machine.
+
+Ray's fake multi-node provider (`RAY_FAKE_CLUSTER=1`, type `fake_multinode`) runs inside the head's autoscaler
+(the `monitor.py` process) and starts each worker node there as `ray._private.node.Node`: a raylet and its
+agents, child processes of the monitor with no session of their own, so they share the head's process group.
+The head is started in a process group of its own (raysst.local_head) and stopping that group ends every fake
+node with it. A spot reclaim of one node is its raylet's process tree killed (SIGKILL), which leaves the head
+and the other nodes up; the raylet is found by the node id the provider gives it (RAY_OVERRIDE_NODE_ID_FOR_TESTING).
+
+`ray.cluster_utils.AutoscalingCluster` is not used: it runs `ray stop --force`, which ends every Ray here,
+and the example config it reads is not shipped in the wheel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from raysst.capacity import BOOTSTRAP_CONFIG
+from raysst.local_head import RAY, Head, free_ports, start_head
+
+HEAD_TYPE = "ray.head.default"  # the name the fake provider gives its head node
+GPU_TYPE = "ray.worker.gpu"
+FAKE_NODE_PREFIX = "fffffffffffffffffffffffffffffffffffffffffffffffffff"  # the provider's node ids: prefix + 00001...
+OBJECT_STORE = 150 * 1024**2  # per node: a few small datasets and checkpoints; keeps /dev/shm free
+NODE_UP_TIMEOUT_S = 240
+
+
+def launcher_config(gcs: str, head_cpus: int, gpu_node: dict, min_workers: int, max_workers: int) -> dict:
+    """A cluster launcher config in cluster.yaml's shape for the fake provider."""
+    return {
+        "cluster_name": "raysst-fake",
+        "max_workers": max_workers,
+        "provider": {"type": "fake_multinode", "gcs_address": gcs, "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "available_node_types": {
+            HEAD_TYPE: {"resources": {"CPU": head_cpus, "GPU": 0}, "node_config": {}, "max_workers": 0},
+            GPU_TYPE: {"resources": {**gpu_node, "object_store_memory": OBJECT_STORE}, "node_config": {},
+                       "min_workers": min_workers, "max_workers": max_workers},
+        },
+        "head_node_type": HEAD_TYPE,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,  # longer than any test: nodes a test waited for stay until it ends
+        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+@dataclass
+class FakeCluster:
+    """A running fake cluster: its head, and the HOME whose ray_bootstrap_config.yaml names its node types."""
+    head: Head
+    home: Path
+    config: dict
+    killed: list = field(default_factory=list)
+
+    @property
+    def env(self) -> dict:
+        """Environment for a driver on this cluster's head, as `ray job submit` gives one on a `ray up` head."""
+        return {**self.head.env, "RAY_ADDRESS": self.head.gcs, "HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+
+    def worker_raylets(self) -> dict:
+        """{fake node id: raylet pid} of the worker nodes whose raylet runs now."""
+        found = {}
+        for pid in _descendants(self.head.proc.pid):
+            node_id = _environ(pid).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING", "")
+            if node_id.startswith(FAKE_NODE_PREFIX) and _name(pid) == "raylet" and not node_id.endswith("00000"):
+                found[node_id] = pid
+        return found
+
+    def wait_for_nodes(self, count: int, timeout_s: float = NODE_UP_TIMEOUT_S) -> dict:
+        """Block until `count` worker raylets run; {node id: pid}."""
+        deadline = time.monotonic() + timeout_s
+        while len(raylets := self.worker_raylets()) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(raylets)} of {count} fake nodes up after {timeout_s:g} s:\n{self.status()}")
+            time.sleep(1)
+        return raylets
+
+    def kill_node(self, node_id: str) -> None:
+        """A spot reclaim: SIGKILL the node's raylet and every process under it (its workers and agents)."""
+        raylet = self.worker_raylets()[node_id]
+        tree = [raylet, *_descendants(raylet)]
+        for pid in tree:
+            _kill(pid)
+        self.killed.append(node_id)
+
+    def status(self) -> str:
+        """`ray status` of this cluster (what the autoscaler sees and plans)."""
+        return subprocess.run([RAY, "status", "--address", self.head.gcs], env=self.head.env, capture_output=True,
+                              text=True).stdout
+
+    def stop(self) -> None:
+        """End the head's process group: the head, its autoscaler and every fake node it started."""
+        stray = _descendants(self.head.proc.pid)
+        self.head.stop()
+        for pid in stray:  # nothing of ours outlives the group (a worker in a session of its own would)
+            _kill(pid)
+
+
+def start_fake_cluster(home: Path, head_cpus: int = 2, gpu_node: Optional[dict] = None, min_workers: int = 0,
+                       max_workers: int = 2, log: Optional[str] = None) -> FakeCluster:
+    """Start the head on free ports with the fake provider's autoscaler; `home` gets ray_bootstrap_config.yaml."""
+    from ray._private.services import get_node_ip_address
+
+    ports = free_ports()
+    gcs = f"{get_node_ip_address()}:{ports['port']}"  # where the provider's nodes join
+    config = launcher_config(gcs, head_cpus, gpu_node or {"CPU": 1, "GPU": 1}, min_workers, max_workers)
+    home.mkdir(parents=True, exist_ok=True)
+    path = Path(BOOTSTRAP_CONFIG.replace("~", str(home)))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "HOME": str(home)}
+    head = start_head(head_cpus, log, env, ports, [f"--autoscaling-config={path}", "--num-gpus=0",
+                                                   f"--object-store-memory={OBJECT_STORE}"])
+    return FakeCluster(head, home, config)
+
+
+def _descendants(pid: int) -> list:
+    """Every live process under `pid`, from /proc (children before grandchildren)."""
+    children: dict = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, queue = [], list(children.get(pid, []))
+    while queue:
+        p = queue.pop(0)
+        out.append(p)
+        queue.extend(children.get(p, []))
+    return out
+
+
+def _environ(pid: int) -> dict:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
