@@ -14,8 +14,11 @@ and the example config it reads is not shipped in the wheel.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,7 @@ from raysst.local_head import RAY, Head, free_ports, start_head
 HEAD_TYPE = "ray.head.default"  # the name the fake provider gives its head node
 GPU_TYPE = "ray.worker.gpu"
 FAKE_NODE_PREFIX = "fffffffffffffffffffffffffffffffffffffffffffffffffff"  # the provider's node ids: prefix + 00001...
-OBJECT_STORE = 150 * 1024**2  # per node: a few small datasets and checkpoints; keeps /dev/shm free
+OBJECT_STORE = 300 * 1024**2  # the head's: a few small datasets and checkpoints
 NODE_UP_TIMEOUT_S = 240
 
 
@@ -86,6 +89,13 @@ class FakeCluster:
             time.sleep(1)
         return raylets
 
+    def node_of(self, pid: int) -> Optional[str]:
+        """The fake worker node whose raylet `pid` runs under (None: the head's)."""
+        raylets = {p: node for node, p in self.worker_raylets().items()}
+        while pid > 1 and pid not in raylets:
+            pid = _ppid(pid)
+        return raylets.get(pid)
+
     def kill_node(self, node_id: str) -> None:
         """A spot reclaim: SIGKILL the node's raylet and every process under it (its workers and agents)."""
         raylet = self.worker_raylets()[node_id]
@@ -124,16 +134,64 @@ def start_fake_cluster(home: Path, head_cpus: int = 2, gpu_node: Optional[dict] 
     return FakeCluster(head, home, config)
 
 
+class Job:
+    """A driver run as `ray job submit` runs one on the head (cluster.env), its output lines time-stamped."""
+
+    def __init__(self, cluster: FakeCluster, *args: str, cwd: Path):
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=cluster.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list = []  # (seconds since start, line)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic() - self.started, line.rstrip("\n")))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def wait_for(self, pattern: str, timeout_s: float, after: float = 0.0) -> tuple:
+        """(seconds since start, match) of the first line after `after` s that matches `pattern`."""
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while time.monotonic() < deadline:
+            for t, line in self.lines[seen:]:
+                found = re.search(pattern, line)
+                if found and t >= after:
+                    return t, found
+            seen = len(self.lines)
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"no line matching {pattern!r} within {timeout_s:g} s:\n{self.output[-4000:]}")
+
+    def finish(self, timeout_s: float) -> int:
+        """The driver's exit code; killed with what it started (its own process group) after `timeout_s`."""
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._reader.join(10)
+        return self.proc.returncode
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _descendants(pid: int) -> list:
     """Every live process under `pid`, from /proc (children before grandchildren)."""
     children: dict = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
+            children.setdefault(_ppid(int(entry.name)), []).append(int(entry.name))
     out, queue = [], list(children.get(pid, []))
     while queue:
         p = queue.pop(0)

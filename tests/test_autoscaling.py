@@ -1,0 +1,158 @@
+"""Train and tune on a local twin of cluster.yaml: a CPU head whose autoscaler adds fake 1-GPU nodes (max 2).
+
+Each test gets a fresh cluster (tests/fake_cluster.py) and runs the job as `ray job submit` would on a
+`ray up` head: the driver on the head, HOME holding ray_bootstrap_config.yaml. The "GPUs" are resource
+labels; `fake_gpu` makes the workers reserve them and compute on CPU. Figures (seconds, steps) are printed
+with a `[figure]` prefix: run with -s to see them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fake_cluster import FakeCluster, Job, start_fake_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = str((ROOT.parent / "shared" / "data" / "sst2").resolve())
+STEP = r"\(RayTrainWorker pid=(\d+)[^)]*\) \[raysst\] epoch (\d+) step (\d+)/(\d+)"
+
+
+@pytest.fixture
+def fake_cluster(tmp_path):
+    """start(**options) -> a fresh FakeCluster (see start_fake_cluster); stopped, with all its nodes, at the end."""
+    started: list = []
+
+    def start(**options) -> FakeCluster:
+        started.append(start_fake_cluster(tmp_path / "home", log=str(tmp_path / "head.log"), **options))
+        return started[-1]
+
+    yield start
+    for cluster in started:
+        cluster.stop()
+
+
+def fake_gpu_config(tmp_path: Path, tiny_model: str, data, **values) -> str:
+    """A --config file for a "GPU" job on the fake cluster (fake_gpu has no flag: it is for tests only)."""
+    path = tmp_path / "fake-gpu.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": tiny_model, "data": str(data), "storage_path": str(tmp_path / "runs"), "use_gpu": True,
+        "fake_gpu": True, "cpus_per_worker": 1, "lr": 1e-3, "eval_batch_size": 64, "log_every": 1,
+        "wait_for_nodes": 300, **values}))
+    return str(path)
+
+
+def figure(name: str, value: float, unit: str = "s") -> None:
+    print(f"[figure] {name}: {value:.1f} {unit}", flush=True)
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "model" / "metrics.json").read_text())
+
+
+@pytest.mark.timeout(600)
+def test_two_gpu_workers_train_once_the_autoscaler_adds_their_nodes(fake_cluster, tiny_model, sst2_small, tmp_path):
+    cluster = fake_cluster()
+    assert cluster.worker_raylets() == {}  # scale from zero: no GPU node yet
+    job = Job(cluster, "jobs/train.py", "--config", fake_gpu_config(tmp_path, tiny_model, sst2_small, epochs=1,
+              batch_size=16, name="zero"), "--num-workers", "2", cwd=ROOT)
+    waited, _ = job.wait_for(r"waiting for the autoscaler: needs 2 x \{CPU: 1, GPU: 1\}", 120)
+    first_step, _ = job.wait_for(STEP, 420)
+    assert job.finish(300) == 0, job.output[-4000:]
+    assert len(cluster.worker_raylets()) == 2
+    figure("scale from zero: submit -> first training step", first_step)
+    figure("scale from zero: capacity check -> first training step", first_step - waited)
+    done = metrics(tmp_path / "runs" / "zero")
+    assert [(r["epoch"], r["workers"], r["global_batch_size"]) for r in done["epochs"]] == [(1, 2, 16)]
+    assert done["hardware"].startswith("2 worker(s), each on CPU")  # a fake GPU computes on CPU
+    assert done["workers_per_epoch"] == [2]
+    card = (tmp_path / "runs" / "zero" / "model" / "README.md").read_text()
+    assert "| Epoch | Training Loss | Validation Loss | Accuracy | Workers |" in card
+    assert "global batch size: 16 (2 worker(s) x 8 x 1 accumulation step(s))" in card
+
+
+@pytest.mark.timeout(180)
+def test_more_gpus_than_max_workers_allow_fail_at_once_naming_the_limit(fake_cluster, tiny_model, sst2_small,
+                                                                         tmp_path):
+    cluster = fake_cluster()
+    started = time.monotonic()
+    job = Job(cluster, "jobs/train.py", "--config", fake_gpu_config(tmp_path, tiny_model, sst2_small, batch_size=24),
+              "--num-workers", "3", cwd=ROOT)
+    assert job.finish(120) != 0
+    elapsed = time.monotonic() - started
+    figure("3 GPU workers on max_workers 2: submit -> exit", elapsed)
+    assert elapsed < 60
+    out = job.output
+    assert "train: the run needs 3 worker(s) x {CPU: 1, GPU: 1} = {CPU: 3, GPU: 3}; " in out, out[-3000:]
+    assert ("could scale to {CPU: 4, GPU: 2} on 3 node(s), room for 2 (ray.worker.gpu {CPU: 1, GPU: 1} x "
+            "max_workers 2; cluster max_workers 2). Lower --num-workers or --cpus-per-worker, or use --no-use-gpu."
+            in out), out[-3000:]
+    assert "Traceback" not in out and cluster.worker_raylets() == {}
+
+
+@pytest.mark.timeout(900)
+def test_a_lost_node_restarts_the_run_from_its_checkpoint(fake_cluster, tiny_model, tmp_path):
+    """A spot reclaim mid-epoch 2: the run goes on from epoch 1's checkpoint once a new node replaces it."""
+    cluster = fake_cluster(min_workers=2)  # both nodes up first: the figures are about the loss alone
+    cluster.wait_for_nodes(2)
+    job = Job(cluster, "jobs/train.py", "--config", fake_gpu_config(
+        tmp_path, tiny_model, SST2, epochs=3, batch_size=16, max_train_samples=3000, name="lost", max_failures=2),
+        "--num-workers", "2", cwd=ROOT)
+    job.wait_for(r"epoch 2 step 5/", 480)
+    # Kill the node rank 0 is not on, so rank 0's step lines keep coming until the kill.
+    last = [m for _, m in (( t, re.search(STEP, line)) for t, line in job.lines) if m][-1]
+    rank0_node = cluster.node_of(int(last.group(1)))
+    victim = next(node for node in cluster.worker_raylets() if node != rank0_node)
+    killed_at = time.monotonic() - job.started
+    cluster.kill_node(victim)
+    done_steps = max(int(m.group(3)) for m in (re.search(STEP, line) for t, line in job.lines if t <= killed_at)
+                     if m and m.group(2) == "2")
+    next_step, resumed = job.wait_for(STEP, 480, after=killed_at + 0.5)
+    assert job.finish(480) == 0, job.output[-4000:]
+    assert "resuming from the checkpoint of epoch 1 on 2 worker(s)" in job.output
+    assert resumed.group(2) == "2" and resumed.group(3) == "1"  # epoch 2 again, from its first step
+    figure("node lost: kill -> next training step", next_step - killed_at)
+    figure("node lost: steps of epoch 2 redone", done_steps, "steps")
+    rows = metrics(tmp_path / "runs" / "lost")["epochs"]
+    assert [(r["epoch"], r["start_epoch"], r["workers"]) for r in rows] == [(1, 1, 2), (2, 2, 2), (3, 2, 2)]
+    assert victim in cluster.killed and len(cluster.worker_raylets()) == 2  # a new node took its place
+
+
+@pytest.mark.timeout(900)
+def test_elastic_run_grows_to_two_workers_with_the_same_global_batch(fake_cluster, tiny_model, tmp_path):
+    """--num-workers 1-2 with one GPU node up: it starts on 1 worker, the autoscaler adds the second node,
+    and Train V2 restarts the group on 2 workers from the latest checkpoint."""
+    cluster = fake_cluster(min_workers=1)
+    cluster.wait_for_nodes(1)
+    job = Job(cluster, "jobs/train.py", "--config", fake_gpu_config(
+        tmp_path, tiny_model, SST2, epochs=4, batch_size=16, max_train_samples=1600, name="elastic",
+        elastic_resize_interval=5), "--num-workers", "1-2", cwd=ROOT)
+    assert job.finish(840) == 0, job.output[-4000:]
+    rows = metrics(tmp_path / "runs" / "elastic")["epochs"]
+    workers = [r["workers"] for r in rows]
+    print(f"[figure] elastic: workers per epoch {workers}", flush=True)
+    assert workers[0] == 1 and workers[-1] == 2 and workers == sorted(workers)
+    assert {r["global_batch_size"] for r in rows} == {16}
+    assert {(r["workers"], r["per_worker_batch_size"]) for r in rows} == {(1, 16), (2, 8)}
+    assert len({r["train_steps"] for r in rows}) == 1 and {r["train_samples"] for r in rows} == {1600}
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    card = (tmp_path / "runs" / "elastic" / "model" / "README.md").read_text()
+    assert "global batch size: 16 (1 worker(s) x 16 or 2 worker(s) x 8 x 1 accumulation step(s))" in card
+
+
+@pytest.mark.timeout(900)
+def test_two_gpu_trials_sweep_after_scale_up(fake_cluster, tiny_model, sst2_small, tmp_path):
+    cluster = fake_cluster()
+    job = Job(cluster, "jobs/tune.py", "--config", fake_gpu_config(tmp_path, tiny_model, sst2_small, epochs=1,
+              name="sweep"), "--workers-per-trial", "1", "--num-samples", "2", "--batch-sizes", "16",
+              "--scheduler", "none", cwd=ROOT)
+    job.wait_for(r"sweep sweep: 2 trials, 2 at a time, each 1 worker\(s\) x \{CPU: 1, GPU: 1\}", 180)
+    assert job.finish(780) == 0, job.output[-4000:]
+    trials = (tmp_path / "runs" / "sweep" / "trials.csv").read_text()
+    assert trials.count("completed") == 2, trials
+    assert len(cluster.worker_raylets()) == 2
