@@ -79,10 +79,13 @@ def start_head(num_cpus: Optional[int] = None, log: Optional[str] = None, env: O
                ports: Optional[dict] = None, extra_args: Sequence[str] = ()) -> Head:
     """Start `ray start --head --block` on free ports (or `ports`, from `free_ports`, for a caller that must
     know them first) in its own process group, with `extra_args` added; return once it takes jobs."""
-    env = auth_env({k: v for k, v in (env or os.environ).items() if k != "RAY_API_SERVER_ADDRESS"})
+    env = auth_env(dict(env or os.environ))
     # Jobs run `python` from the head's PATH: make it this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     ports = ports or free_ports()
+    # Ray's helpers inside the cluster (Train's placement-group cleaner, the state API) find it by this address;
+    # without it they pick the newest Ray on the machine, which may be another one (see runtime.pin_dashboard).
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{ports['dashboard-port']}"
     cmd = [RAY, "start", "--head", "--block", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items()),
            *([f"--num-cpus={num_cpus}"] if num_cpus else []), *extra_args]

@@ -60,9 +60,9 @@ def train_fn_per_worker(config: dict) -> None:
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, fused=True)
     # The global batch is fixed; each worker takes its share of it at this run's world size. n_train is a
     # multiple of every world size the run may have (even_rows), so steps per epoch do not depend on it.
-    batch = cfg.per_worker_batch(world)
+    per_worker = cfg.per_worker_batch(world)
     rows_per_worker = n_train // world  # streaming_split(equal=True) gives every worker this many
-    micro_batches = math.ceil(rows_per_worker / batch)
+    micro_batches = math.ceil(rows_per_worker / per_worker)
     steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum_steps)
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
@@ -86,7 +86,7 @@ def train_fn_per_worker(config: dict) -> None:
     tracker = Tracker(cfg, enabled=rank == 0)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
-    pool = batch * (64 if cfg.group_by_length else 1)
+    pool = per_worker * (64 if cfg.group_by_length else 1)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
@@ -97,7 +97,7 @@ def train_fn_per_worker(config: dict) -> None:
         for chunk in train_shard.iter_batches(batch_size=pool, batch_format="numpy", local_shuffle_buffer_size=pool,
                                               local_shuffle_seed=cfg.seed * 1000 + epoch):
             for batch in length_grouped_batches(chunk["sentence"], chunk["label"], tokenizer,
-                                                batch, cfg.max_seq_length, rng,
+                                                per_worker, cfg.max_seq_length, rng,
                                                 cfg.group_by_length):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 micro += 1
@@ -140,8 +140,8 @@ def train_fn_per_worker(config: dict) -> None:
             "train_samples": int(samples), "flops": 6 * n_params * tokens,
             "train_steps": step, "start_epoch": start_epoch, "run_id": run_id,
             # Read here, on a worker: the driver may sit on a CPU head node while the workers hold the GPUs.
-            "workers": world, "per_worker_batch_size": batch,
-            "global_batch_size": batch * world * cfg.grad_accum_steps, "hardware": describe_device(device_info()),
+            "workers": world, "per_worker_batch_size": per_worker,
+            "global_batch_size": per_worker * world * cfg.grad_accum_steps, "hardware": describe_device(device_info()),
         })
         if rank == 0:
             tracker.log(history[-1], epoch * steps_per_epoch, "epoch/")
