@@ -34,6 +34,7 @@ GPU_TYPE = "ray.worker.gpu"
 FAKE_NODE_PREFIX = "fffffffffffffffffffffffffffffffffffffffffffffffffff"  # the provider's node ids: prefix + 00001...
 OBJECT_STORE = 300 * 1024**2  # the head's: a few small datasets and checkpoints
 NODE_UP_TIMEOUT_S = 240
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the colors of Ray's `(Actor pid=...)` prefixes
 
 
 def launcher_config(gcs: str, head_cpus: int, gpu_node: dict, min_workers: int, max_workers: int) -> dict:
@@ -69,7 +70,8 @@ class FakeCluster:
     @property
     def env(self) -> dict:
         """Environment for a driver on this cluster's head, as `ray job submit` gives one on a `ray up` head."""
-        return {**self.head.env, "RAY_ADDRESS": self.head.gcs, "HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        return {**self.head.env, "RAY_ADDRESS": self.head.gcs, "HOME": str(self.home), "PYTHONUNBUFFERED": "1",
+                "RAY_DEDUP_LOGS": "0"}  # Ray folds lines that differ in numbers only, such as step lines
 
     def worker_raylets(self) -> dict:
         """{fake node id: raylet pid} of the worker nodes whose raylet runs now."""
@@ -147,7 +149,7 @@ class Job:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            self.lines.append((time.monotonic() - self.started, line.rstrip("\n")))
+            self.lines.append((time.monotonic() - self.started, ANSI.sub("", line.rstrip("\n"))))
 
     @property
     def output(self) -> str:
