@@ -1,11 +1,14 @@
 """A local twin of cluster.yaml for tests: a CPU head whose autoscaler adds fake "GPU" nodes on this machine.
 
-Ray's fake multi-node provider (`RAY_FAKE_CLUSTER=1`, type `fake_multinode`) runs inside the head's autoscaler
-(the `monitor.py` process) and starts each worker node there as `ray._private.node.Node`: a raylet and its
-agents, child processes of the monitor with no session of their own, so they share the head's process group.
-The head is started in a process group of its own (raysst.local_head) and stopping that group ends every fake
-node with it. A spot reclaim of one node is its raylet's process tree killed (SIGKILL), which leaves the head
-and the other nodes up; the raylet is found by the node id the provider gives it (RAY_OVERRIDE_NODE_ID_FOR_TESTING).
+Ray's fake multi-node provider (`RAY_FAKE_CLUSTER=1`; here its subclass in fake_provider.py) runs inside the
+head's autoscaler (the `monitor.py` process) and starts each worker node there as `ray._private.node.Node`:
+a raylet (with its dashboard and runtime-env agents and, later, its workers under it) and a log monitor,
+child processes of the monitor with no session of their own, so every fake node shares the head's process
+group. The head is started in a process group of its own (raysst.local_head), and stopping that group ends
+every fake node with it. Killing one node's process group would kill the head too, so a spot reclaim of one
+node is SIGKILL for each of its processes: those under the head that carry its node id
+(RAY_OVERRIDE_NODE_ID_FOR_TESTING, which the provider gives the node and its children inherit) and the
+raylet's process tree.
 
 `ray.cluster_utils.AutoscalingCluster` is not used: it runs `ray stop --force`, which ends every Ray here,
 and the example config it reads is not shipped in the wheel.
@@ -29,6 +32,7 @@ import yaml
 from raysst.capacity import BOOTSTRAP_CONFIG
 from raysst.local_head import RAY, Head, free_ports, start_head
 
+PROVIDER = "fake_provider.ReclaimAwareFakeProvider"  # Ray's fake_multinode, aware of killed nodes
 HEAD_TYPE = "ray.head.default"  # the name the fake provider gives its head node
 GPU_TYPE = "ray.worker.gpu"
 FAKE_NODE_PREFIX = "fffffffffffffffffffffffffffffffffffffffffffffffffff"  # the provider's node ids: prefix + 00001...
@@ -42,7 +46,7 @@ def launcher_config(gcs: str, head_cpus: int, gpu_node: dict, min_workers: int, 
     return {
         "cluster_name": "raysst-fake",
         "max_workers": max_workers,
-        "provider": {"type": "fake_multinode", "gcs_address": gcs, "use_node_id_as_ip": True,
+        "provider": {"type": "external", "module": PROVIDER, "gcs_address": gcs, "use_node_id_as_ip": True,
                      "disable_node_updaters": True, "disable_launch_config_check": True},
         "available_node_types": {
             HEAD_TYPE: {"resources": {"CPU": head_cpus, "GPU": 0}, "node_config": {}, "max_workers": 0},
@@ -98,13 +102,16 @@ class FakeCluster:
             pid = _ppid(pid)
         return raylets.get(pid)
 
-    def kill_node(self, node_id: str) -> None:
-        """A spot reclaim: SIGKILL the node's raylet and every process under it (its workers and agents)."""
+    def kill_node(self, node_id: str) -> list:
+        """A spot reclaim: SIGKILL every process of the node at once; the pids killed."""
         raylet = self.worker_raylets()[node_id]
-        tree = [raylet, *_descendants(raylet)]
-        for pid in tree:
+        mine = {p for p in _descendants(self.head.proc.pid)
+                if _environ(p).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id}
+        pids = sorted(mine | {raylet, *_descendants(raylet)})
+        for pid in pids:
             _kill(pid)
         self.killed.append(node_id)
+        return pids
 
     def status(self) -> str:
         """`ray status` of this cluster (what the autoscaler sees and plans)."""
@@ -130,7 +137,9 @@ def start_fake_cluster(home: Path, head_cpus: int = 2, gpu_node: Optional[dict] 
     home.mkdir(parents=True, exist_ok=True)
     path = Path(BOOTSTRAP_CONFIG.replace("~", str(home)))
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "HOME": str(home)}
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "HOME": str(home),
+           # the autoscaler imports PROVIDER from here
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(Path(__file__).parent), os.environ.get("PYTHONPATH"))))}
     head = start_head(head_cpus, log, env, ports, [f"--autoscaling-config={path}", "--num-gpus=0",
                                                    f"--object-store-memory={OBJECT_STORE}"])
     return FakeCluster(head, home, config)
@@ -139,8 +148,8 @@ def start_fake_cluster(home: Path, head_cpus: int = 2, gpu_node: Optional[dict] 
 class Job:
     """A driver run as `ray job submit` runs one on the head (cluster.env), its output lines time-stamped."""
 
-    def __init__(self, cluster: FakeCluster, *args: str, cwd: Path):
-        self.started = time.monotonic()
+    def __init__(self, cluster: FakeCluster, *args: str, cwd: Path, log: Optional[Path] = None):
+        self.started, self.log = time.monotonic(), log
         self.proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=cluster.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list = []  # (seconds since start, line)
@@ -148,8 +157,11 @@ class Job:
         self._reader.start()
 
     def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append((time.monotonic() - self.started, ANSI.sub("", line.rstrip("\n"))))
+        with open(self.log, "w") if self.log else open(os.devnull, "w") as out:
+            for line in self.proc.stdout:
+                self.lines.append((time.monotonic() - self.started, ANSI.sub("", line.rstrip("\n"))))
+                out.write(f"{self.lines[-1][0]:8.2f} {self.lines[-1][1]}\n")
+                out.flush()
 
     @property
     def output(self) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fake_cluster import FakeCluster, Job, start_fake_cluster
+from fake_cluster import FakeCluster, Job, start_fake_cluster, _name as _comm
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = str((ROOT.parent / "shared" / "data" / "sst2").resolve())
@@ -51,6 +51,28 @@ def figure(name: str, value: float, unit: str = "s") -> None:
     print(f"[figure] {name}: {value:.1f} {unit}", flush=True)
 
 
+def steps(job: Job) -> list:
+    """(seconds since start, worker pid, epoch, step) of each step line the job printed so far."""
+    found = ((t, re.search(STEP, line)) for t, line in list(job.lines))
+    return [(t, int(m.group(1)), int(m.group(2)), int(m.group(3))) for t, m in found if m]
+
+
+def wait_for_new_step(job: Job, old_pids: set, timeout_s: float) -> tuple:
+    """(seconds since start, epoch, step) of the first step line from a worker pid not in `old_pids`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and job.proc.poll() is None:
+        new = [(t, epoch, step) for t, pid, epoch, step in steps(job) if pid not in old_pids]
+        if new:
+            return new[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no step from a new worker within {timeout_s:g} s:\n{job.output[-4000:]}")
+
+
+def checkpoint_registered(run_dir: Path, epoch: int) -> bool:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    return snapshot.exists() and f"checkpoint_epoch_{epoch:03d}" in snapshot.read_text()
+
+
 def metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "model" / "metrics.json").read_text())
 
@@ -60,7 +82,7 @@ def test_two_gpu_workers_train_once_the_autoscaler_adds_their_nodes(fake_cluster
     cluster = fake_cluster()
     assert cluster.worker_raylets() == {}  # scale from zero: no GPU node yet
     job = Job(cluster, "jobs/train.py", "--config", fake_gpu_config(tmp_path, tiny_model, sst2_small, epochs=1,
-              batch_size=16, name="zero"), "--num-workers", "2", cwd=ROOT)
+              batch_size=16, name="zero"), "--num-workers", "2", cwd=ROOT, log=tmp_path / "job.log")
     waited, _ = job.wait_for(r"waiting for the autoscaler: needs 2 x \{CPU: 1, GPU: 1\}", 120)
     first_step, _ = job.wait_for(STEP, 420)
     assert job.finish(300) == 0, job.output[-4000:]
@@ -82,7 +104,7 @@ def test_more_gpus_than_max_workers_allow_fail_at_once_naming_the_limit(fake_clu
     cluster = fake_cluster()
     started = time.monotonic()
     job = Job(cluster, "jobs/train.py", "--config", fake_gpu_config(tmp_path, tiny_model, sst2_small, batch_size=24),
-              "--num-workers", "3", cwd=ROOT)
+              "--num-workers", "3", cwd=ROOT, log=tmp_path / "job.log")
     assert job.finish(120) != 0
     elapsed = time.monotonic() - started
     figure("3 GPU workers on max_workers 2: submit -> exit", elapsed)
@@ -102,20 +124,27 @@ def test_a_lost_node_restarts_the_run_from_its_checkpoint(fake_cluster, tiny_mod
     cluster.wait_for_nodes(2)
     job = Job(cluster, "jobs/train.py", "--config", fake_gpu_config(
         tmp_path, tiny_model, SST2, epochs=3, batch_size=16, max_train_samples=3000, name="lost", max_failures=2),
-        "--num-workers", "2", cwd=ROOT)
-    job.wait_for(r"epoch 2 step 5/", 480)
-    # Kill the node rank 0 is not on, so rank 0's step lines keep coming until the kill.
-    last = [m for _, m in (( t, re.search(STEP, line)) for t, line in job.lines) if m][-1]
-    rank0_node = cluster.node_of(int(last.group(1)))
+        "--num-workers", "2", cwd=ROOT, log=tmp_path / "job.log")
+    run_dir = tmp_path / "runs" / "lost"
+    deadline = time.monotonic() + 480
+    while not checkpoint_registered(run_dir, 1):  # Train resumes only from a checkpoint it has registered
+        assert job.proc.poll() is None and time.monotonic() < deadline, job.output[-4000:]
+        time.sleep(0.2)
+    job.wait_for(r"epoch 2 step \d+/", 60, after=time.monotonic() - job.started)
+    # Kill the node rank 0 is not on, so that rank 0's step lines keep coming until the kill.
+    rank0_node = cluster.node_of(steps(job)[-1][1])
     victim = next(node for node in cluster.worker_raylets() if node != rank0_node)
     killed_at = time.monotonic() - job.started
-    cluster.kill_node(victim)
-    done_steps = max(int(m.group(3)) for m in (re.search(STEP, line) for t, line in job.lines if t <= killed_at)
-                     if m and m.group(2) == "2")
-    next_step, resumed = job.wait_for(STEP, 480, after=killed_at + 0.5)
+    killed = cluster.kill_node(victim)
+    print(f"killed node {victim[-5:]}: {[_comm(p) for p in killed]}", flush=True)
+    before = steps(job)
+    done_steps = max(step for _, _, epoch, step in before if epoch == 2)
+    # The first step of the new group's workers (each node's log monitor also replays old lines).
+    old_pids = {pid for _, pid, _, _ in before}
+    next_step, epoch, step = wait_for_new_step(job, old_pids, 480)
     assert job.finish(480) == 0, job.output[-4000:]
     assert "resuming from the checkpoint of epoch 1 on 2 worker(s)" in job.output
-    assert resumed.group(2) == "2" and resumed.group(3) == "1"  # epoch 2 again, from its first step
+    assert (epoch, step) == (2, 1)  # epoch 2 again, from its first step
     figure("node lost: kill -> next training step", next_step - killed_at)
     figure("node lost: steps of epoch 2 redone", done_steps, "steps")
     rows = metrics(tmp_path / "runs" / "lost")["epochs"]
@@ -131,7 +160,7 @@ def test_elastic_run_grows_to_two_workers_with_the_same_global_batch(fake_cluste
     cluster.wait_for_nodes(1)
     job = Job(cluster, "jobs/train.py", "--config", fake_gpu_config(
         tmp_path, tiny_model, SST2, epochs=4, batch_size=16, max_train_samples=1600, name="elastic",
-        elastic_resize_interval=5), "--num-workers", "1-2", cwd=ROOT)
+        elastic_resize_interval=5), "--num-workers", "1-2", cwd=ROOT, log=tmp_path / "job.log")
     assert job.finish(840) == 0, job.output[-4000:]
     rows = metrics(tmp_path / "runs" / "elastic")["epochs"]
     workers = [r["workers"] for r in rows]
@@ -150,7 +179,7 @@ def test_two_gpu_trials_sweep_after_scale_up(fake_cluster, tiny_model, sst2_smal
     cluster = fake_cluster()
     job = Job(cluster, "jobs/tune.py", "--config", fake_gpu_config(tmp_path, tiny_model, sst2_small, epochs=1,
               name="sweep"), "--workers-per-trial", "1", "--num-samples", "2", "--batch-sizes", "16",
-              "--scheduler", "none", cwd=ROOT)
+              "--scheduler", "none", cwd=ROOT, log=tmp_path / "job.log")
     job.wait_for(r"sweep sweep: 2 trials, 2 at a time, each 1 worker\(s\) x \{CPU: 1, GPU: 1\}", 180)
     assert job.finish(780) == 0, job.output[-4000:]
     trials = (tmp_path / "runs" / "sweep" / "trials.csv").read_text()
