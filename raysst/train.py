@@ -138,7 +138,7 @@ def train_fn_per_worker(config: dict) -> None:
             "train_samples_per_second": samples / train_time, "train_tokens_per_second": tokens / train_time,
             "train_steps_per_second": step / train_time, "train_seconds": train_time,
             "train_samples": int(samples), "flops": 6 * n_params * tokens,
-            "train_steps": step, "start_epoch": start_epoch, "run_id": run_id,
+            "train_steps": step, "schedule_steps_per_epoch": steps_per_epoch, "start_epoch": start_epoch, "run_id": run_id,
             # Read here, on a worker: the driver may sit on a CPU head node while the workers hold the GPUs.
             "workers": world, "per_worker_batch_size": per_worker,
             "global_batch_size": per_worker * world * cfg.grad_accum_steps, "hardware": describe_device(device_info()),

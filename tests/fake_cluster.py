@@ -41,13 +41,13 @@ NODE_UP_TIMEOUT_S = 240
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the colors of Ray's `(Actor pid=...)` prefixes
 
 
-def launcher_config(gcs: str, head_cpus: int, gpu_node: dict, min_workers: int, max_workers: int) -> dict:
-    """A cluster launcher config in cluster.yaml's shape for the fake provider."""
+def launcher_config(gcs: str, head_cpus: int, gpu_node: dict, min_workers: int, max_workers: int, hold: Path) -> dict:
+    """A cluster launcher config in cluster.yaml's shape for the fake provider; no node starts while `hold` exists."""
     return {
         "cluster_name": "raysst-fake",
         "max_workers": max_workers,
         "provider": {"type": "external", "module": PROVIDER, "gcs_address": gcs, "use_node_id_as_ip": True,
-                     "disable_node_updaters": True, "disable_launch_config_check": True},
+                     "disable_node_updaters": True, "disable_launch_config_check": True, "hold_launches_while": str(hold)},
         "available_node_types": {
             HEAD_TYPE: {"resources": {"CPU": head_cpus, "GPU": 0}, "node_config": {}, "max_workers": 0},
             GPU_TYPE: {"resources": {**gpu_node, "object_store_memory": OBJECT_STORE}, "node_config": {},
@@ -70,6 +70,17 @@ class FakeCluster:
     home: Path
     config: dict
     killed: list = field(default_factory=list)
+
+    @property
+    def hold(self) -> Path:
+        return Path(self.config["provider"]["hold_launches_while"])
+
+    def hold_launches(self) -> None:
+        """No new node starts (a cloud out of capacity) until release_launches."""
+        self.hold.touch()
+
+    def release_launches(self) -> None:
+        self.hold.unlink(missing_ok=True)
 
     @property
     def env(self) -> dict:
@@ -133,7 +144,8 @@ def start_fake_cluster(home: Path, head_cpus: int = 2, gpu_node: Optional[dict] 
 
     ports = free_ports()
     gcs = f"{get_node_ip_address()}:{ports['port']}"  # where the provider's nodes join
-    config = launcher_config(gcs, head_cpus, gpu_node or {"CPU": 1, "GPU": 1}, min_workers, max_workers)
+    config = launcher_config(gcs, head_cpus, gpu_node or {"CPU": 1, "GPU": 1}, min_workers, max_workers,
+                             home / "hold-launches")
     home.mkdir(parents=True, exist_ok=True)
     path = Path(BOOTSTRAP_CONFIG.replace("~", str(home)))
     path.write_text(yaml.safe_dump(config, sort_keys=False))

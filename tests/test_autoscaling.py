@@ -158,18 +158,33 @@ def test_elastic_run_grows_to_two_workers_with_the_same_global_batch(fake_cluste
     and Train V2 restarts the group on 2 workers from the latest checkpoint."""
     cluster = fake_cluster(min_workers=1)
     cluster.wait_for_nodes(1)
+    cluster.hold_launches()  # the second node comes only once epoch 1 is done on one worker
     job = Job(cluster, "jobs/train.py", "--config", fake_gpu_config(
-        tmp_path, tiny_model, SST2, epochs=4, batch_size=16, max_train_samples=1600, name="elastic",
+        tmp_path, tiny_model, SST2, epochs=5, batch_size=16, max_train_samples=3200, name="elastic", log_every=20,
         elastic_resize_interval=5), "--num-workers", "1-2", cwd=ROOT, log=tmp_path / "job.log")
-    assert job.finish(840) == 0, job.output[-4000:]
+    first_step, _ = job.wait_for(STEP, 300)
+    deadline = time.monotonic() + 300
+    while not checkpoint_registered(tmp_path / "runs" / "elastic", 1):
+        assert job.proc.poll() is None and time.monotonic() < deadline, job.output[-4000:]
+        time.sleep(0.2)
+    assert len(cluster.worker_raylets()) == 1
+    released = time.monotonic() - job.started
+    cluster.release_launches()
+    resized, _ = job.wait_for(r"Deciding to resize the worker group from 1 -> 2 workers", 300)
+    resumed, found = job.wait_for(r"resuming from the checkpoint of epoch (\d+) on 2 worker\(s\)", 300)
+    assert job.finish(600) == 0, job.output[-4000:]
+    figure("elastic: second node allowed -> resize decision", resized - released)
+    figure("elastic: resize decision -> resumed on 2 workers", resumed - resized)
     rows = metrics(tmp_path / "runs" / "elastic")["epochs"]
     workers = [r["workers"] for r in rows]
-    print(f"[figure] elastic: workers per epoch {workers}", flush=True)
+    print(f"[figure] elastic: workers per epoch {workers}, resumed after epoch {found.group(1)}", flush=True)
     assert workers[0] == 1 and workers[-1] == 2 and workers == sorted(workers)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
     assert {r["global_batch_size"] for r in rows} == {16}
     assert {(r["workers"], r["per_worker_batch_size"]) for r in rows} == {(1, 16), (2, 8)}
-    assert len({r["train_steps"] for r in rows}) == 1 and {r["train_samples"] for r in rows} == {1600}
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    # One schedule whatever the world size: 3200 rows / 16 = 200 optimizer steps per epoch.
+    assert {r["schedule_steps_per_epoch"] for r in rows} == {200} and {r["train_samples"] for r in rows} == {3200}
+    assert metrics(tmp_path / "runs" / "elastic")["workers_per_epoch"] == workers
     card = (tmp_path / "runs" / "elastic" / "model" / "README.md").read_text()
     assert "global batch size: 16 (1 worker(s) x 16 or 2 worker(s) x 8 x 1 accumulation step(s))" in card
 
