@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from fake_cluster import FakeCluster, Job, start_fake_cluster, _name as _comm
+from raysst.config import TRAIN, TUNE, Config, check_job, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = str((ROOT.parent / "shared" / "data" / "sst2").resolve())
@@ -75,6 +76,45 @@ def checkpoint_registered(run_dir: Path, epoch: int) -> bool:
 
 def metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "model" / "metrics.json").read_text())
+
+
+def test_num_workers_takes_a_count_or_a_range_that_every_size_of_splits_the_batch(capsys):
+    assert parse_config(TRAIN, ["--num-workers", "2-4", "--batch-size", "48"]).num_workers == "2-4"
+    cfg = Config(num_workers="1-2", batch_size=16)
+    assert (cfg.elastic, cfg.min_workers, cfg.max_workers, cfg.per_worker_batch(2)) == (True, 1, 2, 8)
+    assert Config(num_workers="2-2").num_workers == 2 and not Config(num_workers=" 3 ", batch_size=24).elastic
+    with pytest.raises(ValueError, match=r"num_workers must be a whole number of at least 1 such as 4, or a range "
+                                         r"MIN-MAX with 1 <= MIN <= MAX such as 2-8, got '4-2'"):
+        Config(num_workers="4-2")
+    with pytest.raises(ValueError, match=r"batch_size must be divisible by num_workers \* grad_accum_steps for every "
+                                         r"worker count in 2-8, but 3, 5, 6, 7 worker\(s\) do not split it; use a "
+                                         r"multiple of 840 or a narrower range, got 32"):
+        Config(num_workers="2-8")
+    with pytest.raises(ValueError, match="batch_size must be divisible by num_workers \\* grad_accum_steps = 3"):
+        Config(num_workers=3)
+    with pytest.raises(ValueError, match="tune runs trials of a fixed size; give --workers-per-trial a number"):
+        check_job(Config(num_workers="1-2"), TUNE)
+    with pytest.raises(ValueError, match="fake_gpu must be false without use_gpu"):
+        Config(fake_gpu=True)
+    with pytest.raises(SystemExit):
+        parse_config(TRAIN, ["--num-workers", "two"])
+    assert "num_workers must be a whole number" in capsys.readouterr().err
+
+
+def test_elastic_and_fake_gpu_reach_ray_train(tiny_model):
+    import pandas as pd
+
+    from raysst.train import build_trainer, even_rows
+
+    cfg = Config(model=tiny_model, num_workers="2-4", batch_size=48, use_gpu=True, fake_gpu=True,
+                 elastic_resize_interval=7)
+    assert len(even_rows(pd.DataFrame({"x": range(100)}), cfg)) == 96  # a multiple of 2, 3 and 4
+    trainer = build_trainer(cfg, {}, 96)
+    scaling = trainer.scaling_config
+    assert (scaling.num_workers, scaling.use_gpu, scaling.elastic_resize_monitor_interval_s) == ((2, 4), True, 7)
+    assert scaling.resources_per_worker == {"CPU": 1, "GPU": 1}  # the fake GPU is still reserved
+    assert trainer.backend_config.backend == "gloo" and cfg.compute_on_gpu is False
+    assert build_trainer(cfg.replace(fake_gpu=False), {}, 96).backend_config.backend == "nccl"  # Train's choice
 
 
 @pytest.mark.timeout(600)
@@ -196,7 +236,9 @@ def test_two_gpu_trials_sweep_after_scale_up(fake_cluster, tiny_model, sst2_smal
               name="sweep"), "--workers-per-trial", "1", "--num-samples", "2", "--batch-sizes", "16",
               "--scheduler", "none", cwd=ROOT, log=tmp_path / "job.log")
     job.wait_for(r"sweep sweep: 2 trials, 2 at a time, each 1 worker\(s\) x \{CPU: 1, GPU: 1\}", 180)
+    first_step, _ = job.wait_for(STEP, 600)
     assert job.finish(780) == 0, job.output[-4000:]
+    figure("sweep from zero: submit -> first training step", first_step)
     trials = (tmp_path / "runs" / "sweep" / "trials.csv").read_text()
     assert trials.count("completed") == 2, trials
     assert len(cluster.worker_raylets()) == 2
