@@ -198,9 +198,11 @@ def test_elastic_run_grows_to_two_workers_with_the_same_global_batch(fake_cluste
     and Train V2 restarts the group on 2 workers from the latest checkpoint."""
     cluster = fake_cluster(min_workers=1)
     cluster.wait_for_nodes(1)
-    cluster.hold_launches()  # the second node comes only once epoch 1 is done on one worker
+    # The second node comes only once epoch 1 is done on one worker; Train may take up to its coordinator's
+    # 20 s refresh plus the 5 s interval to see it, so 5 more epochs leave room to grow.
+    cluster.hold_launches()
     job = Job(cluster, "jobs/train.py", "--config", fake_gpu_config(
-        tmp_path, tiny_model, SST2, epochs=5, batch_size=16, max_train_samples=3200, name="elastic", log_every=20,
+        tmp_path, tiny_model, SST2, epochs=6, batch_size=16, max_train_samples=3200, name="elastic", log_every=20,
         elastic_resize_interval=5), "--num-workers", "1-2", cwd=ROOT, log=tmp_path / "job.log")
     first_step, _ = job.wait_for(STEP, 300)
     deadline = time.monotonic() + 300
@@ -219,7 +221,7 @@ def test_elastic_run_grows_to_two_workers_with_the_same_global_batch(fake_cluste
     workers = [r["workers"] for r in rows]
     print(f"[figure] elastic: workers per epoch {workers}, resumed after epoch {found.group(1)}", flush=True)
     assert workers[0] == 1 and workers[-1] == 2 and workers == sorted(workers)
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert {r["global_batch_size"] for r in rows} == {16}
     assert {(r["workers"], r["per_worker_batch_size"]) for r in rows} == {(1, 16), (2, 8)}
     # One schedule whatever the world size: 3200 rows / 16 = 200 optimizer steps per epoch.
