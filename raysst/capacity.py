@@ -18,6 +18,7 @@ from raysst.config import Config, flag_name
 NOW, AFTER_SCALE_UP = "fits now", "fits after scale-up"
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # written on the head by `ray up`; the autoscaler runs from it
 POLL_S = 5.0
+DERIVED = ("memory", "object_store_memory")  # sizes Ray derives on each node, not part of a node type's shape
 
 
 class CapacityError(RuntimeError):
@@ -190,8 +191,9 @@ def launcher_node_types(path: Path) -> tuple:
 
 
 def fmt(resources: dict) -> str:
-    """`{CPU: 2, GPU: 1}`: zero amounts left out, except CPU."""
-    return "{" + ", ".join(f"{k}: {_count(v)}" for k, v in resources.items() if v or k == "CPU") + "}"
+    """`{CPU: 2, GPU: 1}`: zero amounts left out, except CPU, and so are sizes Ray derives (see _same_shape)."""
+    return "{" + ", ".join(f"{k}: {_count(v)}" for k, v in resources.items()
+                           if (v or k == "CPU") and k not in DERIVED) + "}"
 
 
 def _count(v: float) -> str:
@@ -203,5 +205,4 @@ def _total(groups: list, need: dict) -> dict:
 
 
 def _same_shape(node: dict, resources: dict) -> bool:
-    # memory and object store sizes are what Ray derives on each node, not part of its type's shape
-    return all(abs(node.get(k, 0) - v) < 1e-6 for k, v in resources.items() if k not in ("memory", "object_store_memory"))
+    return all(abs(node.get(k, 0) - v) < 1e-6 for k, v in resources.items() if k not in DERIVED)

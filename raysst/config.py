@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 
@@ -39,11 +41,17 @@ class Config:
     storage_path: str = _f(DEFAULT_STORAGE, "where runs, checkpoints and models are written (local path or s3://...)")
     name: str = _f("sst2", "run name; rerunning with the same name and storage path resumes")
     # Scale.
-    num_workers: int = _f(1, "training workers (one per GPU)", (TRAIN,), flag={TUNE: "workers-per-trial"})
+    num_workers: Union[int, str] = _f(1, "training workers (one per GPU); a range MIN-MAX such as 2-8 starts with what "
+                                      "fits (at least MIN) and grows towards MAX as nodes come", (TRAIN,),
+                                      flag={TUNE: "workers-per-trial"})
+    elastic_resize_interval: float = _f(60.0, "with --num-workers MIN-MAX: seconds between checks whether a running "
+                                        "run can grow (a resize restarts it from its latest checkpoint)", (TRAIN,))
     num_actors: Optional[int] = _f(None, "model actors (default: one per GPU with --use-gpu, else one per "
                                    "--cpus-per-worker CPUs that Ray has)", (), flag={SCORE: "num-workers",
                                                                                  EVAL: "num-workers"})
     use_gpu: bool = _f(False, "run on GPUs", ALL)
+    fake_gpu: bool = _f(False, "tests only: reserve Ray's GPU resource (a fake cluster's GPU is a label) but compute "
+                        "on CPU with gloo; needs use_gpu; YAML only", ())
     cpus_per_worker: int = _f(1, "CPUs reserved per worker; on CPU also its torch threads", ALL)
     # Recipe.
     epochs: int = _f(3, "training epochs")
@@ -94,7 +102,11 @@ class Config:
         _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
         _check(self.lr > 0, "lr", self.lr, "a positive number")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
-        _check(self.num_workers >= 1, "num_workers", self.num_workers, "at least 1")
+        self.num_workers = parse_workers(self.num_workers)
+        _check(self.elastic_resize_interval > 0, "elastic_resize_interval", self.elastic_resize_interval,
+               "a positive number of seconds")
+        _check(self.use_gpu or not self.fake_gpu, "fake_gpu", self.fake_gpu, "false without use_gpu (it fakes a GPU "
+               "that use_gpu reserves)")
         _check(self.num_actors is None or self.num_actors >= 1, "num_actors", self.num_actors, "at least 1")
         _check(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, "at least 1")
         _check(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "at least 1")
@@ -134,14 +146,46 @@ class Config:
         _check(len(set(self.models)) == len(self.models) and all(self.models), "models", self.models,
                "distinct, non-empty model names")
         _check(bool(self.label_column), "label_column", self.label_column, "a column name")
-        per_step = self.num_workers * self.grad_accum_steps
-        _check(self.batch_size % per_step == 0, "batch_size", self.batch_size,
-               f"divisible by num_workers * grad_accum_steps = {per_step}")
+        # A resized run keeps its global batch, so every size an elastic group may have must split it.
+        uneven = [w for w in self.worker_counts if self.batch_size % (w * self.grad_accum_steps)]
+        _check(not uneven, "batch_size", self.batch_size, "divisible by num_workers * grad_accum_steps " + (
+            f"for every worker count in {self.num_workers}, but {', '.join(map(str, uneven))} worker(s) do not split "
+            f"it; use a multiple of {self.worker_multiple * self.grad_accum_steps} or a narrower range" if self.elastic
+            else f"= {self.num_workers * self.grad_accum_steps}"))
         self.storage_path = expand_path(self.storage_path)
 
     @property
-    def per_worker_batch_size(self) -> int:
-        return self.batch_size // (self.num_workers * self.grad_accum_steps)
+    def elastic(self) -> bool:
+        """Whether num_workers is a range MIN-MAX (Ray Train sizes the group to what fits)."""
+        return isinstance(self.num_workers, str)
+
+    @property
+    def min_workers(self) -> int:
+        return worker_range(self.num_workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        return worker_range(self.num_workers)[1]
+
+    @property
+    def worker_counts(self) -> range:
+        """Every world size a run may have."""
+        return range(self.min_workers, self.max_workers + 1)
+
+    @property
+    def worker_multiple(self) -> int:
+        """The least number every world size divides: training rows are trimmed to a multiple of it, so each
+        size gives every worker the same rows and every epoch the same optimizer steps."""
+        return math.lcm(*self.worker_counts)
+
+    @property
+    def compute_on_gpu(self) -> bool:
+        """Whether torch computes on CUDA: use_gpu, unless fake_gpu keeps the work on CPU (tests)."""
+        return self.use_gpu and not self.fake_gpu
+
+    def per_worker_batch(self, world_size: int) -> int:
+        """Each worker's micro-batch when `world_size` workers share the global batch."""
+        return self.batch_size // (world_size * self.grad_accum_steps)
 
     @property
     def eval_models(self) -> list:
@@ -162,10 +206,28 @@ def check_job(cfg: Config, job: str) -> Config:
     parse_config runs them for a command line; train and tune run them where they start, for a Config
     built in Python.
     """
+    if job == TUNE and cfg.elastic:
+        raise ValueError(f"config: tune runs trials of a fixed size; give --workers-per-trial a number, not the range "
+                         f"{cfg.num_workers}")
     if job in TRAINING and cfg.precision not in TRAINING_PRECISIONS:
         raise ValueError(f"config: {job} cannot use --precision {cfg.precision}: it is for scoring and evaluation "
                          f"on CPU only; train with one of {', '.join(TRAINING_PRECISIONS)}")
     return cfg
+
+
+def parse_workers(value: Any) -> Union[int, str]:
+    """A worker count as given (4, "4", "2-8", "2-2"): an int when fixed, "MIN-MAX" when a range."""
+    low, high = worker_range(value)
+    return low if low == high else f"{low}-{high}"
+
+
+def worker_range(value: Any) -> tuple:
+    """(MIN, MAX) of a worker count or range; ValueError in the user's words for anything else."""
+    found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(value)) if not isinstance(value, bool) else None
+    low, high = (int(found.group(1)), int(found.group(2) or found.group(1))) if found else (0, 0)
+    _check(found is not None and 1 <= low <= high, "num_workers", value,
+           "a whole number of at least 1 such as 4, or a range MIN-MAX with 1 <= MIN <= MAX such as 2-8")
+    return low, high
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -240,6 +302,8 @@ def parse_config(job: str, argv: Optional[Sequence[str]] = None, description: st
 
 def _field_type(f: dataclasses.Field) -> type:
     t = str(f.type)
+    if "Union[int, str]" in t:
+        return str  # a number or a range (num_workers: 4 or 2-8), parsed by Config
     for name, kind in (("bool", bool), ("int", int), ("float", float), ("list", list)):
         if name in t:
             return kind

@@ -41,6 +41,7 @@ def export_checkpoint(checkpoint, history: list, cfg: Config, dest: str) -> str:
             "train_steps_per_second": _mean(history, "train_steps_per_second"),
             "total_flops": sum(row["flops"] for row in history),
             "hardware": _hardware(history[-1]),
+            "workers_per_epoch": [row.get("workers") for row in history],  # None: a checkpoint from before they were
             "config": cfg.to_dict(),
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -50,8 +51,8 @@ def export_checkpoint(checkpoint, history: list, cfg: Config, dest: str) -> str:
 
 def model_card(metrics: dict, cfg: Config) -> str:
     """A model card in the form of the well-known bert-base-uncased SST-2 card."""
-    rows = "\n".join(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['eval_loss']:.4f} | {r['accuracy']:.4f} |"
-                     for r in metrics["epochs"])
+    rows = "\n".join(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['eval_loss']:.4f} | {r['accuracy']:.4f} | "
+                     f"{r.get('workers', '?')} |" for r in metrics["epochs"])
     c = cfg
     return f"""---
 language: en
@@ -76,20 +77,20 @@ classifier("a gripping, beautifully acted film")
 
 ## Training results
 
-| Epoch | Training Loss | Validation Loss | Accuracy |
-|:-----:|:-------------:|:---------------:|:--------:|
+| Epoch | Training Loss | Validation Loss | Accuracy | Workers |
+|:-----:|:-------------:|:---------------:|:--------:|:-------:|
 {rows}
 
 ## Training hyperparameters
 
 - base model: `{c.model}`
 - data: `{c.data}` ({metrics['epochs'][-1]['train_samples']} training examples per epoch)
-- epochs: {c.epochs}; global batch size: {c.batch_size} ({c.num_workers} worker(s) x {c.per_worker_batch_size} x {c.grad_accum_steps} accumulation step(s))
+- epochs: {c.epochs}; global batch size: {c.batch_size} ({_split(metrics['workers_per_epoch'], c)} x {c.grad_accum_steps} accumulation step(s)){f'; --num-workers {c.num_workers}: each epoch ran on the workers in the table' if c.elastic else ''}
 - optimizer: AdamW (fused), learning rate {c.lr:g}{f' (head: {c.head_lr_scale:g}x)' if c.head_lr_scale != 1 else ''}, weight decay {c.weight_decay:g}, betas (0.9, 0.999), eps 1e-8
 - schedule: linear warmup over {c.warmup_ratio:.0%} of steps, then linear decay; gradient clipping at {c.max_grad_norm:g}
 - dropout: {"the base model's own" if c.dropout is None else f"{c.dropout:g}"}
 - max sequence length: {c.max_seq_length}; dynamic padding{', length-grouped batches' if c.group_by_length else ''}
-- precision: {c.precision if c.use_gpu else 'fp32 (CPU)'}; seed: {c.seed}
+- precision: {c.precision if c.compute_on_gpu else 'fp32 (CPU)'}; seed: {c.seed}
 
 ## Speed and hardware
 
@@ -114,6 +115,13 @@ def _hardware(epoch: dict) -> str:
     if "hardware" not in epoch:
         return "not recorded"
     return f"{epoch['workers']} worker(s), each on {epoch['hardware']}"
+
+
+def _split(workers_per_epoch: list, cfg: Config) -> str:
+    """How the global batch was split: `2 worker(s) x 16`, or `1 worker(s) x 32 or 2 worker(s) x 16` for a run
+    that was resized."""
+    sizes = sorted({w for w in workers_per_epoch if w}) or [cfg.min_workers]
+    return " or ".join(f"{w} worker(s) x {cfg.per_worker_batch(w)}" for w in sizes)
 
 
 def _mean(rows: list, key: str) -> float:

@@ -39,7 +39,8 @@ def free_port() -> int:
 def auth_env(env: dict) -> dict:
     """`env` in token mode with a token the head and its clients share (a fresh one if none is given)."""
     env = {**env, "RAY_AUTH_MODE": env.get("RAY_AUTH_MODE", "token")}
-    given = env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray/auth_token").exists()
+    home = Path(env.get("HOME") or Path.home())  # the head's HOME, which may not be this process's
+    given = env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or (home / ".ray/auth_token").exists()
     if env["RAY_AUTH_MODE"] == "token" and not given:
         env["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
     return env
@@ -69,15 +70,25 @@ class Head:
                 return
 
 
-def start_head(num_cpus: Optional[int] = None, log: Optional[str] = None, env: Optional[dict] = None) -> Head:
-    """Start `ray start --head --block` on free ports in its own process group; return once it takes jobs."""
-    env = auth_env({k: v for k, v in (env or os.environ).items() if k != "RAY_API_SERVER_ADDRESS"})
+def free_ports() -> dict:
+    """A free port for each of `ray start --head`'s port flags."""
+    return {flag: free_port() for flag in PORT_FLAGS}
+
+
+def start_head(num_cpus: Optional[int] = None, log: Optional[str] = None, env: Optional[dict] = None,
+               ports: Optional[dict] = None, extra_args: Sequence[str] = ()) -> Head:
+    """Start `ray start --head --block` on free ports (or `ports`, from `free_ports`, for a caller that must
+    know them first) in its own process group, with `extra_args` added; return once it takes jobs."""
+    env = auth_env(dict(env or os.environ))
     # Jobs run `python` from the head's PATH: make it this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    ports = {flag: free_port() for flag in PORT_FLAGS}
+    ports = ports or free_ports()
+    # Ray's helpers inside the cluster (Train's placement-group cleaner, the state API) find it by this address;
+    # without it they pick the newest Ray on the machine, which may be another one (see runtime.pin_dashboard).
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{ports['dashboard-port']}"
     cmd = [RAY, "start", "--head", "--block", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items()),
-           *([f"--num-cpus={num_cpus}"] if num_cpus else [])]
+           *([f"--num-cpus={num_cpus}"] if num_cpus else []), *extra_args]
     if log:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
     out = open(log, "w") if log else subprocess.DEVNULL

@@ -38,7 +38,7 @@ def train_fn_per_worker(config: dict) -> None:
     cfg = Config(**config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not cfg.use_gpu:
+    if not cfg.compute_on_gpu:
         torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed + rank)
 
@@ -52,34 +52,41 @@ def train_fn_per_worker(config: dict) -> None:
     set_dropout(model, cfg.dropout)
     tokenizer = load_tokenizer(model_path)
     n_params = count_parameters(model)
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
+    # A fake GPU is only a resource label: Train's get_device would name cuda:0, which CPU torch cannot use.
+    device = ray.train.torch.get_device() if cfg.compute_on_gpu else torch.device("cpu")
+    model = ray.train.torch.prepare_model(model, move_to_device=device)
 
     # Fused AdamW is 6x faster than the default on CPU too; the step is a third of a small model's time.
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, fused=True)
+    # The global batch is fixed; each worker takes its share of it at this run's world size. n_train is a
+    # multiple of every world size the run may have (even_rows), so steps per epoch do not depend on it.
+    per_worker = cfg.per_worker_batch(world)
     rows_per_worker = n_train // world  # streaming_split(equal=True) gives every worker this many
-    micro_batches = math.ceil(rows_per_worker / cfg.per_worker_batch_size)
+    micro_batches = math.ceil(rows_per_worker / per_worker)
     steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum_steps)
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
-    dtype = device_dtype(cfg.use_gpu, cfg.precision)
+    dtype = device_dtype(cfg.compute_on_gpu, cfg.precision)
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     history, start_epoch = [], 1
     if state:
+        if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:  # what even_rows guarantees
+            raise RuntimeError(f"{world} worker(s) would run {steps_per_epoch} steps per epoch, but the checkpoint's "
+                               f"schedule has {state['steps_per_epoch']}: resume with the rows it trained on")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         history, start_epoch = state["history"], state["epoch"] + 1
         if rank == 0:
-            print(f"[raysst] resuming from the checkpoint of epoch {state['epoch']}", flush=True)
+            print(f"[raysst] resuming from the checkpoint of epoch {state['epoch']} on {world} worker(s)", flush=True)
 
     tracker = Tracker(cfg, enabled=rank == 0)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
-    pool = cfg.per_worker_batch_size * (64 if cfg.group_by_length else 1)
+    pool = per_worker * (64 if cfg.group_by_length else 1)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
@@ -90,7 +97,7 @@ def train_fn_per_worker(config: dict) -> None:
         for chunk in train_shard.iter_batches(batch_size=pool, batch_format="numpy", local_shuffle_buffer_size=pool,
                                               local_shuffle_seed=cfg.seed * 1000 + epoch):
             for batch in length_grouped_batches(chunk["sentence"], chunk["label"], tokenizer,
-                                                cfg.per_worker_batch_size, cfg.max_seq_length, rng,
+                                                per_worker, cfg.max_seq_length, rng,
                                                 cfg.group_by_length):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 micro += 1
@@ -131,15 +138,16 @@ def train_fn_per_worker(config: dict) -> None:
             "train_samples_per_second": samples / train_time, "train_tokens_per_second": tokens / train_time,
             "train_steps_per_second": step / train_time, "train_seconds": train_time,
             "train_samples": int(samples), "flops": 6 * n_params * tokens,
-            "start_epoch": start_epoch, "run_id": run_id,
+            "train_steps": step, "schedule_steps_per_epoch": steps_per_epoch, "start_epoch": start_epoch, "run_id": run_id,
             # Read here, on a worker: the driver may sit on a CPU head node while the workers hold the GPUs.
-            "workers": world, "hardware": describe_device(device_info()),
+            "workers": world, "per_worker_batch_size": per_worker,
+            "global_batch_size": per_worker * world * cfg.grad_accum_steps, "hardware": describe_device(device_info()),
         })
         if rank == 0:
             tracker.log(history[-1], epoch * steps_per_epoch, "epoch/")
             print(f"[raysst] epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items()
                                                         if isinstance(v, float)), flush=True)
-        _report(history, epoch, model, tokenizer, optimizer, scheduler, scaler, rank)
+        _report(history, epoch, steps_per_epoch, model, tokenizer, optimizer, scheduler, scaler, rank)
     tracker.close()
 
 
@@ -184,7 +192,7 @@ def evaluate_shard(model, val_shard, tokenizer, cfg: Config, rank: int, world: i
     return {"eval_loss": loss_sum / n, "accuracy": correct / n, "eval_samples": int(n)}
 
 
-def _report(history, epoch, model, tokenizer, optimizer, scheduler, scaler, rank) -> None:
+def _report(history, epoch, steps_per_epoch, model, tokenizer, optimizer, scheduler, scaler, rank) -> None:
     """Report the epoch's metrics to Ray Train; rank 0 attaches the checkpoint."""
     import ray.train
 
@@ -197,7 +205,8 @@ def _report(history, epoch, model, tokenizer, optimizer, scheduler, scaler, rank
         unwrapped.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "epoch": epoch, "history": history}, Path(tmp) / STATE_FILE)
+                    "scaler": scaler.state_dict(), "epoch": epoch, "steps_per_epoch": steps_per_epoch,
+                    "history": history}, Path(tmp) / STATE_FILE)
         (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history, indent=2))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
@@ -210,17 +219,25 @@ def build_trainer(cfg: Config, datasets: dict, n_train: int, callbacks: Optional
     retries it without end. Here its tries (1 + max_failures, the run's retry budget) share `wait_for_nodes`
     s, so a group that finds no room fails in time. Train reads the timeout from this process's environment
     at fit() and passes it on to its controller.
+
+    A range MIN-MAX is Train V2's elastic ScalingConfig(num_workers=(MIN, MAX)): its ElasticScalingPolicy
+    asks the autoscaler for MAX workers, starts once MIN fit (with as many as fit), and every
+    `elastic_resize_interval` s compares what fits with the running group; a difference restarts the group
+    at the new size from the latest checkpoint (steps since it are redone). A lost node restarts it the same way.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     os.environ[START_TIMEOUT_ENV] = str(cfg.wait_for_nodes / (cfg.max_failures + 1))
     loop_config = {**cfg.to_dict(), "n_train": n_train, "run_id": uuid.uuid4().hex[:8]}
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=worker_resources(cfg)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(cfg.min_workers, cfg.max_workers) if cfg.elastic else cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker=worker_resources(cfg), elastic_resize_monitor_interval_s=cfg.elastic_resize_interval),
+        # Train picks NCCL for workers that hold a GPU; a fake one is a label, so CPU torch talks gloo.
+        torch_config=TorchConfig(backend="gloo") if cfg.fake_gpu else None,
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=cfg.storage_path, callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
@@ -244,7 +261,7 @@ def fit(trainer, cfg: Config, what: str, job: str):
         return trainer.fit()
     except ray.train.ControllerError as e:
         if isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
-            raise timed_out(worker_resources(cfg), cfg.num_workers, what, lower_hint(cfg, job),
+            raise timed_out(worker_resources(cfg), cfg.min_workers, what, lower_hint(cfg, job),
                             cfg.wait_for_nodes) from e
         raise
 
@@ -261,6 +278,13 @@ def worker_env(cfg: Config) -> dict:
     return env
 
 
+def even_rows(train, cfg: Config):
+    """The training rows cut to a multiple of every world size the run may have (at most that less one row
+    dropped; a fixed size drops what streaming_split(equal=True) would): every size then gives its workers
+    the same rows each and the epoch the same optimizer steps, so a resized run keeps its schedule."""
+    return train.iloc[: len(train) - len(train) % cfg.worker_multiple]
+
+
 def train_driver_fn(cfg: Config) -> str:
     """Load data, run the trainer (resuming a run of the same name), export the best model."""
     from raysst.data import load_sst2, to_ray_datasets
@@ -272,12 +296,18 @@ def train_driver_fn(cfg: Config) -> str:
     check_job(cfg, TRAIN)
     require_mlflow(cfg)
     init_ray()
-    check_fits(worker_resources(cfg), cfg.num_workers, RUN, lower_hint(cfg, TRAIN), wait_s=cfg.wait_for_nodes)
+    check_fits(worker_resources(cfg), cfg.min_workers, RUN, lower_hint(cfg, TRAIN), wait_s=cfg.wait_for_nodes)
     train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
+    train = even_rows(train, cfg)
+    if cfg.elastic:
+        print(f"[raysst] elastic: starts with {cfg.min_workers} to {cfg.max_workers} workers, as many as fit; every "
+              f"{cfg.elastic_resize_interval:g} s it grows (or shrinks) to what fits, resuming from its latest "
+              f"checkpoint", flush=True)
     print(f"[raysst] data: {len(train)} train, {len(validation)} validation rows from {cfg.data}", flush=True)
     result = fit(build_trainer(cfg, to_ray_datasets(train, validation), len(train)), cfg, RUN, TRAIN)
     model_dir = export_run(result, cfg)
     print(f"[raysst] model exported to {model_dir}", flush=True)
-    training_report(model_dir, validation, cfg=cfg)
+    # Evaluation scores on what training computed on: a fake GPU's run evaluates on CPU.
+    training_report(model_dir, validation, cfg=cfg.replace(use_gpu=cfg.compute_on_gpu, fake_gpu=False))
     print(f"[raysst] evaluation report in {model_dir}/eval/report.md", flush=True)
     return model_dir
