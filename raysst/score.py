@@ -76,8 +76,6 @@ def score_driver_fn(cfg: Config) -> dict:
     output = expand_path(cfg.output).rstrip("/")
     todo, done, skipped, ignored, decoded = plan(cfg, output)
     model = resolve_model(cfg.model)
-    check_plan_file(output, cfg.chunk_rows)
-    remove_temporaries(output)
     per_file: dict[str, Counter] = {rel: count_parts(parts) for rel, parts in done.items()}
     n_resumed = sum(map(len, done.values()))
     if done:
@@ -90,6 +88,8 @@ def score_driver_fn(cfg: Config) -> dict:
     wait_for_capacity({"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}, cfg.num_actors,
                       "scoring", "Lower --num-workers or --cpus-per-worker" + (", or drop --use-gpu" * cfg.use_gpu),
                       cfg.wait_for_nodes)
+    check_plan_file(output, cfg.chunk_rows)  # the first write: a job that cannot run leaves nothing behind
+    remove_temporaries(output)
     scored = _run(build_pipeline(todo, cfg, model, output), todo, per_file, skipped, cfg.on_bad_file == "fail",
                   t0) if todo else Counter()
     failed = {s.pop("rel") for s in skipped if "rel" in s}
