@@ -85,7 +85,7 @@ classifier("a gripping, beautifully acted film")
 
 - base model: `{c.model}`
 - data: `{c.data}` ({metrics['epochs'][-1]['train_samples']} training examples per epoch)
-- epochs: {c.epochs}; global batch size: {c.batch_size} ({_split(metrics['workers_per_epoch'], c)} x {c.grad_accum_steps} accumulation step(s)){f'; --num-workers {c.num_workers}: each epoch ran on the workers in the table' if c.elastic else ''}
+- epochs: {c.epochs}; global batch size: {c.batch_size} ({_split(metrics.get('workers_per_epoch', []), c)} x {c.grad_accum_steps} accumulation step(s)){f'; --num-workers {c.num_workers}: each epoch ran on the workers in the table' if c.elastic else ''}
 - optimizer: AdamW (fused), learning rate {c.lr:g}{f' (head: {c.head_lr_scale:g}x)' if c.head_lr_scale != 1 else ''}, weight decay {c.weight_decay:g}, betas (0.9, 0.999), eps 1e-8
 - schedule: linear warmup over {c.warmup_ratio:.0%} of steps, then linear decay; gradient clipping at {c.max_grad_norm:g}
 - dropout: {"the base model's own" if c.dropout is None else f"{c.dropout:g}"}
