@@ -71,7 +71,7 @@ def copy_to(local_dir: Path, dest: str) -> str:
         return dest
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(dest)
+    fs, path = filesystem(dest)  # the same cached, credentialed filesystem as every other write here
     fs.create_dir(path, recursive=True)
     pyarrow.fs.copy_files(str(local_dir), path, destination_filesystem=fs)
     return dest
