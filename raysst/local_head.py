@@ -31,9 +31,8 @@ START_TIMEOUT_S = 120
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no one listens on now (the OS's pick)."""
+    return free_ports()["port"]
 
 
 def auth_env(env: dict) -> dict:
@@ -71,8 +70,18 @@ class Head:
 
 
 def free_ports() -> dict:
-    """A free port for each of `ray start --head`'s port flags."""
-    return {flag: free_port() for flag in PORT_FLAGS}
+    """A distinct free port for each of `ray start --head`'s port flags.
+
+    Every socket stays bound until all are picked: one bound and closed at a time, the OS may hand out the
+    same port twice, and `ray start` then refuses it ("used by other components")."""
+    sockets = [socket.socket() for _ in PORT_FLAGS]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return {flag: s.getsockname()[1] for flag, s in zip(PORT_FLAGS, sockets)}
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def start_head(num_cpus: Optional[int] = None, log: Optional[str] = None, env: Optional[dict] = None,

@@ -57,7 +57,7 @@ def build_pipeline(todo: list[Chunk], cfg: Config, model: str, output: str):
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=CHUNKS_IN_ACTOR,
                                            max_concurrent_calls_per_actor=CHUNKS_IN_ACTOR,
                                            enable_true_multi_threading=True),
-        fn_constructor_kwargs={"model": model, "use_gpu": cfg.use_gpu, "precision": cfg.precision,
+        fn_constructor_kwargs={"model": model, "use_gpu": cfg.compute_on_gpu, "precision": cfg.precision,
                                "batch_size": cfg.eval_batch_size, "threads": cfg.cpus_per_worker,
                                "max_length": cfg.max_seq_length, "output": output},
         num_cpus=1 if cfg.use_gpu else cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)
@@ -117,8 +117,8 @@ def score_driver_fn(cfg: Config) -> dict:
                              **{s: round(scored[("seconds", s)], 3) for s in STAGES}},
         "hardware": {"model_actors": cfg.num_actors,
                      "rows_by_actor_device": _keyed(scored, "device"),
-                     "device": "cuda" if cfg.use_gpu else "cpu",
-                     "dtype": precision_name(cfg.use_gpu, cfg.precision),
+                     "device": "cuda" if cfg.compute_on_gpu else "cpu",
+                     "dtype": precision_name(cfg.compute_on_gpu, cfg.precision),
                      "cpus_per_actor": cfg.cpus_per_worker, "gpus_per_actor": int(cfg.use_gpu),
                      "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}},
     }

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from raysst.capacity import check_fits, lower_hint, timed_out, worker_resources
+from raysst.capacity import check_fits, lower_hint, timed_out, wait_for_capacity, worker_resources
 from raysst.config import TRAIN, Config, check_job
 from raysst.storage import HISTORY_FILE, STATE_FILE
 
@@ -296,7 +296,10 @@ def train_driver_fn(cfg: Config) -> str:
     check_job(cfg, TRAIN)
     require_mlflow(cfg)
     init_ray()
-    check_fits(worker_resources(cfg), cfg.min_workers, RUN, lower_hint(cfg, TRAIN), wait_s=cfg.wait_for_nodes)
+    if cfg.elastic:  # Train V2's elastic policy waits without end for MIN workers' room: wait here, in bounds
+        wait_for_capacity(worker_resources(cfg), cfg.min_workers, RUN, lower_hint(cfg, TRAIN), cfg.wait_for_nodes)
+    else:  # a fixed-size group's own start times out (build_trainer)
+        check_fits(worker_resources(cfg), cfg.num_workers, RUN, lower_hint(cfg, TRAIN), wait_s=cfg.wait_for_nodes)
     train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
     train = even_rows(train, cfg)
     if cfg.elastic:

@@ -155,6 +155,18 @@ def test_more_gpus_than_max_workers_allow_fail_at_once_naming_the_limit(fake_clu
             "max_workers 2; cluster max_workers 2). Lower --num-workers or --cpus-per-worker, or use --no-use-gpu."
             in out), out[-3000:]
     assert "Traceback" not in out and cluster.worker_raylets() == {}
+    # An elastic run that fits only after scale-up, with no node coming (a cloud out of capacity): Train V2's
+    # elastic policy would wait for MIN workers without end; the run gives up after --wait-for-nodes.
+    cluster.hold_launches()
+    started = time.monotonic()
+    job = Job(cluster, "jobs/train.py", "--config", fake_gpu_config(tmp_path, tiny_model, sst2_small, batch_size=24,
+              wait_for_nodes=5), "--num-workers", "1-2", cwd=ROOT, log=tmp_path / "elastic.log")
+    assert job.finish(120) != 0
+    figure("elastic 1-2, no node comes, --wait-for-nodes 5: submit -> exit", time.monotonic() - started)
+    assert ("the run needs 1 worker(s) x {CPU: 1, GPU: 1} = {CPU: 1, GPU: 1}; the cluster has {CPU: 2} on "
+            "1 node, room for 0 such worker(s)" in job.output), job.output[-3000:]
+    assert "after 5 s the workers still had no room. Raise --wait-for-nodes" in job.output, job.output[-3000:]
+    assert "Traceback" not in job.output
 
 
 @pytest.mark.timeout(900)
@@ -198,11 +210,12 @@ def test_elastic_run_grows_to_two_workers_with_the_same_global_batch(fake_cluste
     and Train V2 restarts the group on 2 workers from the latest checkpoint."""
     cluster = fake_cluster(min_workers=1)
     cluster.wait_for_nodes(1)
-    # The second node comes only once epoch 1 is done on one worker; Train may take up to its coordinator's
-    # 20 s refresh plus the 5 s interval to see it, so 5 more epochs leave room to grow.
+    # The second node comes only once epoch 1 is done on one worker. Seeing it takes the node's start (3-10 s
+    # here), up to the autoscaling coordinator's 20 s refresh, the 5 s resize interval and a restart (about
+    # 20 s): some 55 s when the machine is busy. 13 more epochs of about 5 s leave room to grow.
     cluster.hold_launches()
     job = Job(cluster, "jobs/train.py", "--config", fake_gpu_config(
-        tmp_path, tiny_model, SST2, epochs=6, batch_size=16, max_train_samples=3200, name="elastic", log_every=20,
+        tmp_path, tiny_model, SST2, epochs=14, batch_size=16, max_train_samples=3200, name="elastic", log_every=20,
         elastic_resize_interval=5), "--num-workers", "1-2", cwd=ROOT, log=tmp_path / "job.log")
     first_step, _ = job.wait_for(STEP, 300)
     deadline = time.monotonic() + 300
@@ -221,7 +234,7 @@ def test_elastic_run_grows_to_two_workers_with_the_same_global_batch(fake_cluste
     workers = [r["workers"] for r in rows]
     print(f"[figure] elastic: workers per epoch {workers}, resumed after epoch {found.group(1)}", flush=True)
     assert workers[0] == 1 and workers[-1] == 2 and workers == sorted(workers)
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in rows] == list(range(1, 15))
     assert {r["global_batch_size"] for r in rows} == {16}
     assert {(r["workers"], r["per_worker_batch_size"]) for r in rows} == {(1, 16), (2, 8)}
     # One schedule whatever the world size: 3200 rows / 16 = 200 optimizer steps per epoch.
@@ -244,3 +257,38 @@ def test_two_gpu_trials_sweep_after_scale_up(fake_cluster, tiny_model, sst2_smal
     trials = (tmp_path / "runs" / "sweep" / "trials.csv").read_text()
     assert trials.count("completed") == 2, trials
     assert len(cluster.worker_raylets()) == 2
+
+
+@pytest.mark.timeout(600)
+def test_score_job_that_loses_a_node_mid_run_writes_every_row_once(fake_cluster, tiny_model, tmp_path):
+    """Two "GPU" scoring actors, one per fake node; one node is reclaimed after the first parts commit. Ray Data
+    restarts its actor on the replacement node and retries its chunks, whose parts overwrite any half-done
+    one: every input row is in the output exactly once."""
+    from test_score_resume import corpus_rows, write_input
+
+    from raysst.score import SUMMARY_FILE, read_scored
+
+    cluster = fake_cluster()
+    rows = corpus_rows(60_000)
+    src, out = tmp_path / "in.parquet", tmp_path / "out"
+    write_input(rows, src, "parquet")  # row groups of 2,000
+    job = Job(cluster, "jobs/score.py", "--config", fake_gpu_config(tmp_path, tiny_model, SST2), "--input", str(src),
+              "--output", str(out), "--num-workers", "2", "--chunk-rows", "2000", "--id-column", "idx",
+              "--batch-size", "64", "--max-seq-length", "32", cwd=ROOT, log=tmp_path / "job.log")
+    job.wait_for(r"waiting for the autoscaler: needs 2 x \{CPU: 1, GPU: 1\}", 120)
+    deadline = time.monotonic() + 400
+    while len(list(out.glob("*/part-*.parquet"))) < 2:
+        assert job.proc.poll() is None and time.monotonic() < deadline, job.output[-4000:]
+        time.sleep(0.05)
+    victim = next(iter(cluster.worker_raylets()))
+    killed_at = time.monotonic() - job.started
+    committed = len(list(out.glob("*/part-*.parquet")))
+    cluster.kill_node(victim)
+    assert job.finish(400) == 0, job.output[-4000:]
+    figure("score, node lost: kill -> job done", time.monotonic() - job.started - killed_at)
+    print(f"[figure] score, node lost: {committed} of 30 chunks committed at the kill", flush=True)
+    scored = read_scored(str(out))
+    assert sorted(scored.idx) == list(range(60_000)) and scored.sentence.tolist() == rows.sentence.tolist()
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["rows_out"] == 60_000 and summary["chunks"]["scored_this_run"] == 30
+    assert victim in cluster.killed and not list(out.rglob("_tmp-*"))

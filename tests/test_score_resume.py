@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raysst.local_head import free_port
 from raysst.proctree import ProcessTree, kill_job, start_job
 from raysst.score import SUMMARY_FILE, read_scored
 
@@ -82,19 +82,13 @@ def test_killed_job_reruns_only_uncommitted_chunks(tmp_path, tiny_model, fmt, id
     assert not list(out.rglob("_tmp-*"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3(monkeypatch):
     """A moto S3 server on localhost for this test, and a bucket; jobs reach it through AWS_* variables."""
     from moto.server import ThreadedMotoServer
     from pyarrow.fs import S3FileSystem
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
