@@ -32,7 +32,7 @@ START_TIMEOUT_S = 120
 
 def free_port() -> int:
     """A port no one listens on now (the OS's pick)."""
-    return free_ports()["port"]
+    return free_ports(("port",))["port"]
 
 
 def auth_env(env: dict) -> dict:
@@ -69,16 +69,16 @@ class Head:
                 return
 
 
-def free_ports() -> dict:
-    """A distinct free port for each of `ray start --head`'s port flags.
+def free_ports(flags: Sequence[str] = PORT_FLAGS) -> dict:
+    """A distinct free port for each of `flags` (by default `ray start --head`'s port flags).
 
     Every socket stays bound until all are picked: one bound and closed at a time, the OS may hand out the
     same port twice, and `ray start` then refuses it ("used by other components")."""
-    sockets = [socket.socket() for _ in PORT_FLAGS]
+    sockets = [socket.socket() for _ in flags]
     try:
         for s in sockets:
             s.bind(("127.0.0.1", 0))
-        return {flag: s.getsockname()[1] for flag, s in zip(PORT_FLAGS, sockets)}
+        return {flag: s.getsockname()[1] for flag, s in zip(flags, sockets)}
     finally:
         for s in sockets:
             s.close()

@@ -269,11 +269,12 @@ def test_score_job_that_loses_a_node_mid_run_writes_every_row_once(fake_cluster,
     from raysst.score import SUMMARY_FILE, read_scored
 
     cluster = fake_cluster()
-    rows = corpus_rows(60_000)
+    n, chunk = 60_000, 2_000
+    rows = corpus_rows(n)
     src, out = tmp_path / "in.parquet", tmp_path / "out"
-    write_input(rows, src, "parquet")  # row groups of 2,000
+    write_input(rows, src, "parquet")  # row groups of 2,000: one chunk each
     job = Job(cluster, "jobs/score.py", "--config", fake_gpu_config(tmp_path, tiny_model, SST2), "--input", str(src),
-              "--output", str(out), "--num-workers", "2", "--chunk-rows", "2000", "--id-column", "idx",
+              "--output", str(out), "--num-workers", "2", "--chunk-rows", str(chunk), "--id-column", "idx",
               "--batch-size", "64", "--max-seq-length", "32", cwd=ROOT, log=tmp_path / "job.log")
     job.wait_for(r"waiting for the autoscaler: needs 2 x \{CPU: 1, GPU: 1\}", 120)
     deadline = time.monotonic() + 400
@@ -286,9 +287,9 @@ def test_score_job_that_loses_a_node_mid_run_writes_every_row_once(fake_cluster,
     cluster.kill_node(victim)
     assert job.finish(400) == 0, job.output[-4000:]
     figure("score, node lost: kill -> job done", time.monotonic() - job.started - killed_at)
-    print(f"[figure] score, node lost: {committed} of 30 chunks committed at the kill", flush=True)
+    print(f"[figure] score, node lost: {committed} of {n // chunk} chunks committed at the kill", flush=True)
     scored = read_scored(str(out))
-    assert sorted(scored.idx) == list(range(60_000)) and scored.sentence.tolist() == rows.sentence.tolist()
+    assert sorted(scored.idx) == list(range(n)) and scored.sentence.tolist() == rows.sentence.tolist()
     summary = json.loads((out / SUMMARY_FILE).read_text())
-    assert summary["rows_out"] == 60_000 and summary["chunks"]["scored_this_run"] == 30
+    assert summary["rows_out"] == n and summary["chunks"]["scored_this_run"] == n // chunk
     assert victim in cluster.killed and not list(out.rglob("_tmp-*"))
