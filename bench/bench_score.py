@@ -207,11 +207,12 @@ def bench_bigfile(args, work: Path) -> None:
     data = work / "big.parquet"
     pq.write_table(pa.table({"sentence": sst2_sentences(args.big_rows), "idx": np.arange(args.big_rows)}), data,
                    row_group_size=100_000)
-    chunks = -(-args.big_rows // 100_000)
+    chunks = -(-args.big_rows // 100_000) * -(-100_000 // args.chunk_rows)
 
     def job(out: str, stop_at_parts: int = 0) -> tuple[float, ProcessTree]:
         proc, mark = start_job(["jobs/score.py", "--model", model, "--input", str(data), "--output", out,
-                                "--batch-size", str(args.batch_size)], stdout=subprocess.DEVNULL)
+                                "--batch-size", str(args.batch_size), "--chunk-rows", str(args.chunk_rows)],
+                               stdout=subprocess.DEVNULL)
         t0 = time.perf_counter()
         try:
             with ProcessTree(pid=proc.pid) as tree:
@@ -251,6 +252,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="whole: the job's --precision")
     parser.add_argument("--gpu-rows", type=int, default=500_000)
     parser.add_argument("--big-rows", type=int, default=1_000_000, help="bigfile: rows of the one file")
+    parser.add_argument("--chunk-rows", type=int, default=Config.chunk_rows, help="bigfile: the job's --chunk-rows")
     parser.add_argument("--gpu-batch-size", type=int, default=512)
     parser.add_argument("--workdir", help="keep corpora and outputs here (default: a temporary directory)")
     args = parser.parse_args()

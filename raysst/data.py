@@ -6,12 +6,14 @@ Hugging Face Hub. Every bad input is reported with the file, the column and what
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 logger = logging.getLogger(__name__)
@@ -123,52 +125,75 @@ def load_sst2(data: str, max_train_samples: Optional[int] = None, seed: int = 42
     return train.sample(n=n, random_state=seed).reset_index(drop=True), validation
 
 
-def to_ray_datasets(train: pd.DataFrame, validation: pd.DataFrame, num_blocks: int = 16) -> dict:
-    """Ray Datasets for the trainer. Validation rows carry their position so workers split it exactly."""
+def to_ray_datasets(train: pd.DataFrame, validation: pd.DataFrame, model: str, max_length: int,
+                    num_blocks: int = 16) -> dict:
+    """Ray Datasets for the trainer, tokenized once: a Ray Data stage on CPU turns `sentence` into
+    `input_ids`, materialized before training, so every epoch (and every trial of a sweep) reads token
+    ids and no worker tokenizes in its step. Validation rows carry their position so workers split it exactly."""
     import ray.data
 
+    from raysst.models import load_tokenizer
+
+    # The tokenizer travels as its JSON (no files needed on the node that tokenizes).
+    stage = {"fn_kwargs": {"tokenizer_json": load_tokenizer(model).backend_tokenizer.to_str(),
+                           "max_length": max_length}, "batch_format": "pyarrow", "batch_size": 4096}
     validation = validation.assign(row=np.arange(len(validation)))
-    return {
-        "train": ray.data.from_pandas([train.iloc[part] for part in
-                                       np.array_split(np.arange(len(train)), min(num_blocks, len(train)))]),
-        "validation": ray.data.from_pandas(validation),
-    }
+    train_ds = ray.data.from_pandas([train.iloc[part] for part in
+                                     np.array_split(np.arange(len(train)), min(num_blocks, len(train)))])
+    return {"train": train_ds.map_batches(tokenize_rows, **stage).materialize(),
+            "validation": ray.data.from_pandas(validation).map_batches(tokenize_rows, **stage).materialize()}
 
 
-def collate(tokenizer, texts, max_length: int, labels=None) -> dict:
-    """Tokenize a batch, padded to its own longest sequence."""
-    batch = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+@functools.lru_cache(maxsize=4)
+def rust_tokenizer(tokenizer_json: str, max_length: int):
+    """The Rust tokenizer behind a fast HF tokenizer, truncating at `max_length` and never padding (its
+    JSON may carry padding and truncation settings of its own; the HF wrapper overrides them per call)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.enable_truncation(max_length)
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def tokenize_rows(batch: pa.Table, tokenizer_json: str, max_length: int) -> pa.Table:
+    """Ray Data stage: the `sentence` column becomes `input_ids` (a list of int32 per row, special tokens
+    included), the same ids as `tokenizer(texts, truncation=True, max_length=max_length)`."""
+    encodings = rust_tokenizer(tokenizer_json, max_length).encode_batch_fast(batch.column("sentence").to_pylist())
+    ids = pa.array([e.ids for e in encodings], pa.list_(pa.int32()))
+    return batch.drop_columns(["sentence"]).append_column("input_ids", ids)
+
+
+def pad_ids(seqs, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token id sequences right-padded to the longest one, and the mask of real tokens (both (rows, width))."""
+    lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
+    mask = np.arange(lengths.max()) < lengths[:, None]
+    ids = np.full(mask.shape, pad_id, np.int64)
+    ids[mask] = np.concatenate(seqs)  # row-major: each row's tokens land in its own leading positions
+    return ids, mask
+
+
+def model_inputs(seqs, pad_id: int, labels=None) -> dict:
+    """A padded batch as the model's tensors (`labels` too where given)."""
+    ids, mask = pad_ids(seqs, pad_id)
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
     if labels is not None:
         batch["labels"] = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    return dict(batch)
+    return batch
 
 
-def pad(input_ids: list, pad_id: int) -> dict:
-    """Right-pad token id lists to the longest one; the mask marks real tokens."""
-    width = max(map(len, input_ids))
-    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
-    for i, seq in enumerate(input_ids):
-        ids[i, :len(seq)] = torch.as_tensor(seq)
-        mask[i, :len(seq)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def length_grouped_batches(texts, labels, tokenizer, batch_size: int, max_length: int,
-                           rng: np.random.Generator, group_by_length: bool = True) -> Iterator[dict]:
-    """Split a pool of examples into batches of similar length, yielded in random order.
+def length_grouped_batches(input_ids, labels, pad_id: int, batch_size: int, rng: np.random.Generator,
+                           group_by_length: bool = True) -> Iterator[dict]:
+    """Split a pool of tokenized examples into batches of similar length, yielded in random order.
 
     Sorting inside a pool of many batches cuts padding (SST-2 phrases run from 2 to 60 tokens);
     shuffling the batches keeps the gradient noise of random order.
     """
-    input_ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     labels = np.asarray(labels)
     order = np.arange(len(input_ids))
     if group_by_length:
-        order = np.argsort([len(ids) for ids in input_ids], kind="stable")
+        order = np.argsort(np.fromiter(map(len, input_ids), np.int64, len(input_ids)), kind="stable")
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(chunks)
     for idx in chunks:
-        batch = pad([input_ids[i] for i in idx], tokenizer.pad_token_id)
-        batch["labels"] = torch.as_tensor(labels[idx], dtype=torch.long)
-        yield batch
+        yield model_inputs([input_ids[i] for i in idx], pad_id, labels[idx])

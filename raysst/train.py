@@ -29,7 +29,6 @@ def train_fn_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from transformers import get_linear_schedule_with_warmup
 
-    from raysst.data import length_grouped_batches
     from raysst.models import (count_parameters, describe_device, device_dtype, device_info, fetch_once_per_node,
                                load_classifier, load_tokenizer, set_dropout)
     from raysst.tracking import Tracker
@@ -50,7 +49,7 @@ def train_fn_per_worker(config: dict) -> None:
         if ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
     set_dropout(model, cfg.dropout)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path)  # saved with each checkpoint; the data arrive tokenized
     n_params = count_parameters(model)
     # A fake GPU is only a resource label: Train's get_device would name cuda:0, which CPU torch cannot use.
     device = ray.train.torch.get_device() if cfg.compute_on_gpu else torch.device("cpu")
@@ -86,50 +85,46 @@ def train_fn_per_worker(config: dict) -> None:
     tracker = Tracker(cfg, enabled=rank == 0)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
-    pool = per_worker * (64 if cfg.group_by_length else 1)
+    pad_id = tokenizer.pad_token_id or 0
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
-        rng = np.random.default_rng([cfg.seed, epoch, rank])
-        seen = torch.zeros(3, dtype=torch.float64)  # samples, real tokens, summed loss
-        t0, step = time.perf_counter(), 0
-        micro = 0
-        for chunk in train_shard.iter_batches(batch_size=pool, batch_format="numpy", local_shuffle_buffer_size=pool,
-                                              local_shuffle_seed=cfg.seed * 1000 + epoch):
-            for batch in length_grouped_batches(chunk["sentence"], chunk["label"], tokenizer,
-                                                per_worker, cfg.max_seq_length, rng,
-                                                cfg.group_by_length):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                micro += 1
-                last = micro % cfg.grad_accum_steps == 0 or micro == micro_batches
-                # Skip the gradient all-reduce on accumulation steps; it runs once per optimizer step.
-                sync = nullcontext() if last or world == 1 else model.no_sync()
-                with sync:
-                    with autocast():
-                        loss = model(**batch).loss
-                    scaler.scale(loss / cfg.grad_accum_steps).backward()
-                seen += torch.tensor([len(batch["labels"]), batch["attention_mask"].sum().item(),
-                                      loss.item() * len(batch["labels"])], dtype=torch.float64)
-                if not last:
-                    continue
-                if cfg.max_grad_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if rank == 0 and step % cfg.log_every == 0:
-                    rate = seen[0].item() * world / (time.perf_counter() - t0)
-                    tracker.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "samples_per_second": rate},
-                                (epoch - 1) * steps_per_epoch + step, "train/")
-                    print(f"[raysst] epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f} "
-                          f"lr {scheduler.get_last_lr()[0]:.2e} samples/s {rate:.1f}", flush=True)
+        samples, tokens, micro, step = 0, 0, 0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no host sync per step
+        t0 = time.perf_counter()
+        for batch in epoch_batches(train_shard, cfg, per_worker, epoch, rank, pad_id):
+            n = len(batch["labels"])
+            samples, tokens = samples + n, tokens + int(batch["attention_mask"].sum())  # host tensors: no sync
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            micro += 1
+            last = micro % cfg.grad_accum_steps == 0 or micro == micro_batches
+            # Skip the gradient all-reduce on accumulation steps; it runs once per optimizer step.
+            with nullcontext() if last or world == 1 else model.no_sync():
+                with autocast():
+                    loss = model(**batch).loss
+                scaler.scale(loss / cfg.grad_accum_steps).backward()
+            loss_sum += loss.detach().double() * n
+            if not last:
+                continue
+            if cfg.max_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if rank == 0 and step % cfg.log_every == 0:
+                rate = samples * world / (time.perf_counter() - t0)
+                tracker.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "samples_per_second": rate},
+                            (epoch - 1) * steps_per_epoch + step, "train/")
+                print(f"[raysst] epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f} "
+                      f"lr {scheduler.get_last_lr()[0]:.2e} samples/s {rate:.1f}", flush=True)
         train_time = time.perf_counter() - t0
 
-        val = evaluate_shard(model, val_shard, tokenizer, cfg, rank, world, device, autocast)
-        totals = seen.to(device)
+        val = evaluate_shard(model, val_shard, pad_id, cfg, rank, world, device, autocast)
+        totals = torch.stack([torch.tensor(samples, dtype=torch.float64, device=device),
+                              torch.tensor(tokens, dtype=torch.float64, device=device), loss_sum])
         if dist.is_initialized():
             dist.all_reduce(totals)
         samples, tokens, loss_sum = totals.tolist()
@@ -167,11 +162,24 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list:
              "lr": cfg.lr * (cfg.head_lr_scale if head else 1.0)} for (decay, head), params in groups.items()]
 
 
+def epoch_batches(train_shard, cfg: Config, per_worker: int, epoch: int, rank: int, pad_id: int):
+    """This worker's batches of one epoch: its shard's token ids shuffled in pools of 64 batches (seeded by
+    run, epoch and rank), each pool grouped by length into padded batches."""
+    from raysst.data import length_grouped_batches
+
+    rng = np.random.default_rng([cfg.seed, epoch, rank])
+    pool = per_worker * (64 if cfg.group_by_length else 1)
+    for chunk in train_shard.iter_batches(batch_size=pool, batch_format="numpy", local_shuffle_buffer_size=pool,
+                                          local_shuffle_seed=cfg.seed * 1000 + epoch):
+        yield from length_grouped_batches(chunk["input_ids"], chunk["label"], pad_id, per_worker, rng,
+                                          cfg.group_by_length)
+
+
 @torch.inference_mode()
-def evaluate_shard(model, val_shard, tokenizer, cfg: Config, rank: int, world: int, device, autocast) -> dict:
+def evaluate_shard(model, val_shard, pad_id: int, cfg: Config, rank: int, world: int, device, autocast) -> dict:
     """Validation over the whole set, each row counted by exactly one worker, summed over all."""
     import torch.distributed as dist
-    from raysst.data import collate
+    from raysst.data import model_inputs
 
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # examples, correct, summed loss
@@ -179,8 +187,7 @@ def evaluate_shard(model, val_shard, tokenizer, cfg: Config, rank: int, world: i
         mine = b["row"] % world == rank
         if not mine.any():
             continue
-        batch = {k: v.to(device) for k, v in collate(tokenizer, b["sentence"][mine], cfg.max_seq_length,
-                                                        b["label"][mine]).items()}
+        batch = {k: v.to(device) for k, v in model_inputs(b["input_ids"][mine], pad_id, b["label"][mine]).items()}
         with autocast():
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
@@ -307,7 +314,8 @@ def train_driver_fn(cfg: Config) -> str:
               f"{cfg.elastic_resize_interval:g} s it grows (or shrinks) to what fits, resuming from its latest "
               f"checkpoint", flush=True)
     print(f"[raysst] data: {len(train)} train, {len(validation)} validation rows from {cfg.data}", flush=True)
-    result = fit(build_trainer(cfg, to_ray_datasets(train, validation), len(train)), cfg, RUN, TRAIN)
+    datasets = to_ray_datasets(train, validation, cfg.model, cfg.max_seq_length)
+    result = fit(build_trainer(cfg, datasets, len(train)), cfg, RUN, TRAIN)
     model_dir = export_run(result, cfg)
     print(f"[raysst] model exported to {model_dir}", flush=True)
     # Evaluation scores on what training computed on: a fake GPU's run evaluates on CPU.

@@ -85,9 +85,10 @@ def tune_driver_fn(cfg: Config) -> str:
     concurrency = concurrent_trials(cfg, current_cluster())
     train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
     _say(f"data: {len(train)} train, {len(validation)} validation rows from {cfg.data}")
-    # Loaded once here; every trial's Train run reads the same Ray Datasets from the object store.
+    # Loaded and tokenized once here; every trial's Train run reads the same Ray Datasets from the object store.
+    datasets = to_ray_datasets(train, validation, cfg.model, cfg.max_seq_length)
     trainable = tune.with_resources(
-        tune.with_parameters(train_driver_fn_per_trial, base=cfg, datasets=to_ray_datasets(train, validation),
+        tune.with_parameters(train_driver_fn_per_trial, base=cfg, datasets=datasets,
                              n_train=len(train)), TRIAL_DRIVER_RESOURCES)
     path = sweep_dir(cfg)
     if tune.Tuner.can_restore(path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from corpora import corpus_rows, write_input
 from fake_cluster import FakeCluster, Job, start_fake_cluster, _name as _comm
 from raysst.config import TRAIN, TUNE, Config, check_job, parse_config
 
@@ -264,7 +265,6 @@ def test_score_job_that_loses_a_node_mid_run_writes_every_row_once(fake_cluster,
     """Two "GPU" scoring actors, one per fake node; one node is reclaimed after the first parts commit. Ray Data
     restarts its actor on the replacement node and retries its chunks, whose parts overwrite any half-done
     one: every input row is in the output exactly once."""
-    from test_score_resume import corpus_rows, write_input
 
     from raysst.score import SUMMARY_FILE, read_scored
 

@@ -91,13 +91,48 @@ def test_length_grouped_batches_cover_every_example_once(tiny_model):
     import numpy as np
 
     tok = load_tokenizer(tiny_model)
-    texts = [" ".join(["word"] * n) for n in range(1, 41)]
-    batches = list(length_grouped_batches(texts, list(range(40)), tok, 8, 16, np.random.default_rng(0)))
+    ids = tok([" ".join(["word"] * n) for n in range(1, 41)], truncation=True, max_length=16)["input_ids"]
+    batches = list(length_grouped_batches([np.asarray(x) for x in ids], list(range(40)), tok.pad_token_id, 8,
+                                          np.random.default_rng(0)))
     labels = sorted(int(x) for b in batches for x in b["labels"])
     assert labels == list(range(40))
     # Grouped: each batch holds neighbours in length, so padding is small.
     assert all(int((b["attention_mask"] == 0).sum()) <= 8 * 7 for b in batches)
     assert max(b["input_ids"].shape[1] for b in batches) == 16  # truncated at max_length
+    for b in batches:  # each row: its own ids, then padding
+        for row, mask in zip(b["input_ids"].tolist(), b["attention_mask"].tolist()):
+            n = sum(mask)
+            assert mask == [1] * n + [0] * (len(mask) - n) and row[n:] == [tok.pad_token_id] * (len(row) - n)
+            assert row[:n] in ids
+
+
+def test_pretokenized_epochs_hold_the_tokens_of_their_sentences(tiny_model, sst2_small, ray_local):
+    """The Ray Data token stage and a worker's epoch batches: per epoch, the multiset of token ids (and of
+    labels) is what the transformers tokenizer gives for the training sentences, in a new order each epoch."""
+    from collections import Counter
+
+    from raysst.config import Config
+    from raysst.data import to_ray_datasets
+    from raysst.train import epoch_batches
+
+    cfg = Config(model=tiny_model, data=str(sst2_small), batch_size=16, max_seq_length=24, seed=3)
+    train, validation = load_sst2(cfg.data, 300, cfg.seed)
+    datasets = to_ray_datasets(train, validation, cfg.model, cfg.max_seq_length)
+    tok = load_tokenizer(tiny_model)
+    expected = tok(train.sentence.tolist(), truncation=True, max_length=cfg.max_seq_length)["input_ids"]
+    orders = []
+    for epoch in (1, 2):
+        batches = list(epoch_batches(datasets["train"].iterator(), cfg, 16, epoch, 0, tok.pad_token_id))
+        seen = Counter(t for b in batches for t in b["input_ids"][b["attention_mask"].bool()].tolist())
+        assert seen == Counter(t for ids in expected for t in ids)
+        assert sorted(int(x) for b in batches for x in b["labels"]) == sorted(train.label.tolist())
+        assert sum(len(b["labels"]) for b in batches) == len(train) and all(len(b["labels"]) <= 16 for b in batches)
+        orders.append([b["input_ids"][0].tolist() for b in batches])
+    assert orders[0] != orders[1]
+    val = datasets["validation"].to_pandas()
+    assert val.row.tolist() == list(range(len(validation))) and "sentence" not in val
+    assert [list(x) for x in val.input_ids] == tok(validation.sentence.tolist(), truncation=True,
+                                                    max_length=cfg.max_seq_length)["input_ids"]
 
 
 def test_config_file_then_flags(tmp_path):

@@ -214,7 +214,7 @@ def trained_model(sst2_small, tmp_path_factory) -> str:
     import torch
     from conftest import tiny_bert
 
-    from raysst.data import collate
+    from hf_reference import collate
     from raysst.models import load_classifier, load_tokenizer
 
     torch.manual_seed(0)
@@ -239,7 +239,7 @@ def direct_probabilities(model_dir: str, texts: list) -> np.ndarray:
     """prob_positive from a plain forward pass, independent of the scorer's pipeline."""
     import torch
 
-    from raysst.data import collate
+    from hf_reference import collate
     from raysst.models import load_classifier, load_tokenizer
 
     model, tokenizer = load_classifier(model_dir).eval(), load_tokenizer(model_dir)

@@ -93,7 +93,7 @@ def _direct_probs(model_dir: str, texts: list[str]) -> np.ndarray:
     """prob_positive from a plain forward pass of the model, no Ray, no length sorting."""
     import torch
 
-    from raysst.data import collate
+    from hf_reference import collate
     from raysst.models import load_classifier, load_tokenizer
 
     model, tok = load_classifier(model_dir).eval(), load_tokenizer(model_dir)

@@ -9,11 +9,11 @@ import random
 import time
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from corpora import CHUNK, corpus_rows, write_input
 from raysst.local_head import free_port
 from raysst.proctree import ProcessTree, kill_job, start_job
 from raysst.score import SUMMARY_FILE, read_scored
@@ -21,23 +21,7 @@ from raysst.score import SUMMARY_FILE, read_scored
 pytestmark = pytest.mark.timeout(600)
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
-ROWS, CHUNK = 20_000, 1_000
-
-
-def corpus_rows(n: int) -> pd.DataFrame:
-    """n SST-2 train phrases, each made unique by its row number (rows without an id stay tellable apart)."""
-    texts = pd.read_parquet(SST2 / "train.parquet").sentence.head(n).tolist()
-    texts = (texts * (n // len(texts) + 1))[:n]
-    return pd.DataFrame({"sentence": [f"{t} #{i}" for i, t in enumerate(texts)], "idx": range(n)})
-
-
-def write_input(rows: pd.DataFrame, path: Path, fmt: str) -> None:
-    if fmt == "parquet":
-        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), path, row_group_size=2 * CHUNK)
-    elif fmt == "csv":
-        rows[["sentence"]].to_csv(path, index=False)
-    else:
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows.sentence))
+ROWS = 20_000
 
 
 def job_args(model: str, src: str, out: str, *extra: str) -> list[str]:
@@ -132,10 +116,17 @@ def peak_rss(args: list[str]) -> int:
 
 
 def test_peak_memory_does_not_grow_with_the_file(tmp_path, tiny_model):
-    """200k vs 20k rows in one parquet file (10k-row chunks): the job's whole process tree within 25%."""
+    """1M vs 100k rows in one parquet file of 100k-row groups: the job's whole process tree within 25%. Chunks
+    of 25k rows, so that the small file too keeps both actors' two calls busy: memory is set by the chunks in
+    flight, never by the file."""
     peaks = {}
-    for n in (20_000, 200_000):
+    for n in (100_000, 1_000_000):
         src = tmp_path / f"in{n}.parquet"
-        pq.write_table(pa.Table.from_pandas(corpus_rows(n), preserve_index=False), src, row_group_size=10_000)
-        peaks[n] = peak_rss(job_args(tiny_model, str(src), str(tmp_path / f"out{n}"), "--chunk-rows", "10000"))
-    assert peaks[200_000] <= 1.25 * peaks[20_000], {n: f"{p / 2**30:.2f} GiB" for n, p in peaks.items()}
+        pq.write_table(pa.Table.from_pandas(corpus_rows(n), preserve_index=False), src, row_group_size=100_000)
+        args = job_args(tiny_model, str(src), str(tmp_path / f"out{n}"), "--num-workers", "2", "--batch-size", "256",
+                        "--chunk-rows", "25000")
+        peaks[n] = peak_rss(args)
+        src.unlink()
+    print("[figure] peak RSS of the job's process tree: " + ", ".join(f"{n:,} rows {p / 2**30:.2f} GiB"
+                                                                     for n, p in peaks.items()))
+    assert peaks[1_000_000] <= 1.25 * peaks[100_000], {n: f"{p / 2**30:.2f} GiB" for n, p in peaks.items()}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from raysst.config import Config
-from raysst.data import collate
+from hf_reference import collate
 from raysst.models import load_classifier, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def test_killed_worker_restarts_from_checkpoint(ray_local, tiny_model, tmp_path)
 
     cfg = tiny_cfg(tiny_model, SST2, tmp_path, epochs=3, max_train_samples=6000, max_failures=1)
     train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
-    trainer = build_trainer(cfg, to_ray_datasets(train, validation), len(train))
+    trainer = build_trainer(cfg, to_ray_datasets(train, validation, cfg.model, cfg.max_seq_length), len(train))
     outcome = {}
     fit = threading.Thread(target=lambda: outcome.setdefault("result", trainer.fit()))
     fit.start()
