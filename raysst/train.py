@@ -169,10 +169,25 @@ def epoch_batches(train_shard, cfg: Config, per_worker: int, epoch: int, rank: i
 
     rng = np.random.default_rng([cfg.seed, epoch, rank])
     pool = per_worker * (64 if cfg.group_by_length else 1)
+    ids, labels = np.empty(0, object), np.empty(0, np.int64)
     for chunk in train_shard.iter_batches(batch_size=pool, batch_format="numpy", local_shuffle_buffer_size=pool,
                                           local_shuffle_seed=cfg.seed * 1000 + epoch):
-        yield from length_grouped_batches(chunk["input_ids"], chunk["label"], pad_id, per_worker, rng,
-                                          cfg.group_by_length)
+        # Pools come short at block boundaries: only whole batches leave, the rest joins the next pool, so
+        # every worker steps ceil(rows / per_worker) times and no DDP collective waits for a partner.
+        ids, labels = np.concatenate([ids, as_rows(chunk["input_ids"])]), np.concatenate([labels, chunk["label"]])
+        whole = len(ids) - len(ids) % per_worker
+        yield from length_grouped_batches(ids[:whole], labels[:whole], pad_id, per_worker, rng, cfg.group_by_length)
+        ids, labels = ids[whole:], labels[whole:]
+    if len(ids):
+        yield from length_grouped_batches(ids, labels, pad_id, per_worker, rng, cfg.group_by_length)
+
+
+def as_rows(column) -> np.ndarray:
+    """A batch's token-id column as a 1-D array of per-row arrays (a pool of equal lengths may come as 2-D)."""
+    rows = np.empty(len(column), object)
+    for i, row in enumerate(column):
+        rows[i] = row
+    return rows
 
 
 @torch.inference_mode()
