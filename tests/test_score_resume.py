@@ -44,17 +44,20 @@ def test_killed_job_reruns_only_uncommitted_chunks(tmp_path, tiny_model, fmt, id
     src, out = tmp_path / f"in.{fmt}", tmp_path / "out"
     write_input(rows, src, fmt)
     args = job_args(tiny_model, str(src), str(out), "--chunk-rows", str(CHUNK), *id_args)
+    # Kill once a random number of the first half of the chunks has committed, then within 50 ms: the
+    # scorer commits many chunks a second, so a fixed sleep could let every chunk land before the kill.
+    target = random.randint(1, ROWS // CHUNK // 2)
     proc, mark = start_job(args, stdout=-3, stderr=-3)
     try:
         deadline = time.time() + 300
-        while not list(out.glob("*/part-*.parquet")) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(random.uniform(0, 2.0))  # somewhere after the first commit, maybe mid-write
+        while len(list(out.glob("*/part-*.parquet"))) < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(random.uniform(0, 0.05))  # maybe mid-write of the next chunk
         assert proc.poll() is None, "the job finished before it could be killed; raise ROWS"
     finally:
         kill_job(proc, mark)
     killed_with = len(list(out.glob("*/part-*.parquet")))
-    assert 1 <= killed_with < ROWS // CHUNK
+    assert target <= killed_with < ROWS // CHUNK, (target, killed_with)
     run_to_end(args)
     summary = json.loads((out / SUMMARY_FILE).read_text())
     scored = read_scored(str(out))
