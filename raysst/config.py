@@ -23,6 +23,7 @@ ALL = (TRAIN, TUNE, SCORE, EVAL)
 TRAINING = (TRAIN, TUNE)
 
 PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+LABEL_NAMES = {0: "negative", 1: "positive"}  # the exported model's id2label
 TRAINING_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PRECISIONS = (*TRAINING_PRECISIONS, "int8")  # int8: dynamic quantization, for CPU scoring and evaluation only
 DEFAULT_STORAGE = "~/raysst-runs"

@@ -20,7 +20,6 @@ from typing import Optional
 
 import pyarrow as pa
 
-from raysst.data import DataError, find_text_column
 from raysst.storage import filesystem
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl",
@@ -29,6 +28,11 @@ TXT_COLUMN = "text"
 # utf-8-sig also reads UTF-8 with a byte-order mark (Excel's csv); latin-1 decodes any bytes, so one always fits.
 ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")
 SCAN_RECORDS = 1000  # jsonl: the up-front column check looks at the keys of this many records
+TEXT_COLUMNS = ("sentence", "text")
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is; the message names the file and column."""
 
 
 class UnreadableFile(DataError):
@@ -110,6 +114,15 @@ def _self_and_parents(path: str, base: str) -> list[str]:
         path = posixpath.dirname(path)
         out.append(path)
     return out
+
+
+def find_text_column(columns, source: str, text_column: Optional[str] = None) -> str:
+    """The text column: the one asked for, else `sentence` or `text`."""
+    wanted = (text_column,) if text_column else TEXT_COLUMNS
+    for name in wanted:
+        if name in columns:
+            return name
+    raise DataError(f"{source}: no text column {' or '.join(map(repr, wanted))}; columns are {list(columns)}")
 
 
 def open_input(f: InputFile):

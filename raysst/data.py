@@ -16,36 +16,21 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from raysst.corpus import FORMATS as READERS, TEXT_COLUMNS, DataError, InputFile, find_text_column, read_file
+
 logger = logging.getLogger(__name__)
 
-TEXT_COLUMNS = ("sentence", "text")
-LABEL_NAMES = {0: "negative", 1: "positive"}
 FORMATS = ("parquet", "tsv", "csv", "jsonl", "json")
 # GLUE ships the validation split as dev.tsv.
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "dev", "val")}
 
 
-class DataError(ValueError):
-    """Input data that cannot be used as it is; the message names the file and column."""
-
-
 def read_table(path: Path) -> pd.DataFrame:
     """Read one parquet, tsv, csv or jsonl file into a DataFrame, by the same rules as a scored corpus."""
-    from raysst.corpus import FORMATS as READERS, InputFile, read_file  # corpus imports this module
-
     fmt = READERS.get(path.suffix.lower())
     if fmt is None or fmt == "txt":
         raise DataError(f"{path}: unsupported format {path.suffix.lstrip('.').lower()!r}; use one of {FORMATS}")
     return read_file(InputFile(str(path), path.name, fmt, text_column=TEXT_COLUMNS[0]))[0].to_pandas()
-
-
-def find_text_column(columns, source: str, text_column: Optional[str] = None) -> str:
-    """The text column: the one asked for, else `sentence` or `text`."""
-    wanted = (text_column,) if text_column else TEXT_COLUMNS
-    for name in wanted:
-        if name in columns:
-            return name
-    raise DataError(f"{source}: no text column {' or '.join(map(repr, wanted))}; columns are {list(columns)}")
 
 
 def normalize_labels(labels: pd.Series, source: str, column: str = "label") -> pd.Series:

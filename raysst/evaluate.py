@@ -17,8 +17,9 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from raysst.config import Config
-from raysst.data import LABEL_NAMES, DataError, find_text_column, normalize_labels
+from raysst.config import LABEL_NAMES, Config
+from raysst.corpus import DataError, find_text_column
+from raysst.data import normalize_labels
 from raysst.report import CURVES, FIGURES, card_section, report_markdown, with_card_section, write_comparison
 from raysst.storage import local_dir, read_text, write_text
 from raysst.score_workers import OUTPUT_COLUMNS

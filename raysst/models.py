@@ -7,8 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from raysst.config import PACKAGED_MINILM
-from raysst.data import LABEL_NAMES
+from raysst.config import LABEL_NAMES, PACKAGED_MINILM
 
 ID2LABEL = dict(LABEL_NAMES)
 LABEL2ID = {v: k for k, v in ID2LABEL.items()}

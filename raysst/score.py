@@ -22,7 +22,8 @@ from raysst.capacity import CapacityError, wait_for_capacity
 from raysst.chunks import Chunk
 from raysst.config import Config, expand_path
 from raysst.corpus import UnreadableFile
-from raysst.data import LABEL_NAMES, DataError
+from raysst.config import LABEL_NAMES
+from raysst.corpus import DataError
 from raysst.score_plan import check_plan_file, committed_parts, count_parts, plan, remove_temporaries
 from raysst.score_workers import CHUNKS_IN_ACTOR, STAGES, STATUSES, TMP_PREFIX, ChunkScorer, add_counts
 from raysst.storage import filesystem, write_text
@@ -92,6 +93,7 @@ def score_driver_fn(cfg: Config) -> dict:
     remove_temporaries(output)
     scored = _run(build_pipeline(todo, cfg, model, output), todo, per_file, skipped, cfg.on_bad_file == "fail",
                   t0) if todo else Counter()
+    remove_temporaries(output)  # an actor lost mid-write (its node gone) leaves one; its chunk was redone
     failed = {s.pop("rel") for s in skipped if "rel" in s}
     if failed:  # a file found unreadable part-way keeps no parts: its rows are all or nothing
         parts = committed_parts(output)

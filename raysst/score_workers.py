@@ -21,7 +21,8 @@ import pyarrow as pa
 
 from raysst.chunks import Chunk, read_chunk
 from raysst.corpus import UnreadableFile, is_missing
-from raysst.data import LABEL_NAMES, model_inputs
+from raysst.config import LABEL_NAMES
+from raysst.data import model_inputs
 from raysst.storage import filesystem
 
 STATUSES = ("ok", "null_input", "empty_input", "non_string_input", "truncated")

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from raysst.config import TRAIN, SCORE, TUNE, Config, build_parser, load_config, parse_config
-from raysst.data import DataError, length_grouped_batches, load_split, load_sst2
+from raysst.corpus import DataError
+from raysst.data import length_grouped_batches, load_split, load_sst2
 from raysst.models import load_tokenizer
 
 ROWS = pd.DataFrame({"sentence": ["a fine film", "dull and long", "great", "bad"], "label": [1, 0, 1, 0]})
