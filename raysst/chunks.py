@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from raysst.corpus import InputFile, _reading, open_input, parse_text, text_values
+from raysst.corpus import open_input
+from raysst.formats import InputFile, parse_text, reading, text_values
 
 SCAN_BLOCK = 8 << 20  # bytes per read of the boundary scan
 BOM = codecs.BOM_UTF8
@@ -46,7 +47,7 @@ def plan_chunks(f: InputFile, chunk_rows: int) -> list[Chunk]:
     """A file's chunks, at least one (an empty file still gets its empty part); raises UnreadableFile."""
     if f.fmt == "parquet":
         return _parquet_chunks(f, chunk_rows)
-    with _reading(f), open_input(f) as fh:
+    with reading(f), open_input(f) as fh:
         encoding, bom, head, cuts, size = _scan_text(fh, f.fmt, chunk_rows)
     f = dataclasses.replace(f, encoding=encoding, bom=bom, head=head)
     edges = [head, *cuts]
@@ -60,7 +61,7 @@ def plan_chunks(f: InputFile, chunk_rows: int) -> list[Chunk]:
 def _parquet_chunks(f: InputFile, chunk_rows: int) -> list[Chunk]:
     import pyarrow.parquet as pq
 
-    with _reading(f), open_input(f) as fh:
+    with reading(f), open_input(f) as fh:
         meta = pq.ParquetFile(fh).metadata
     chunks, first = [], 0
     for rg in range(meta.num_row_groups):
@@ -118,7 +119,7 @@ def read_chunk(c: Chunk) -> tuple[pa.Table, list]:
     import pyarrow.parquet as pq
 
     f = c.file
-    with _reading(f), open_input(f) as fh:
+    with reading(f), open_input(f) as fh:
         if f.fmt == "parquet":
             pf = pq.ParquetFile(fh)
             if c.row_group < 0:

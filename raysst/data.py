@@ -16,7 +16,8 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from raysst.corpus import FORMATS as READERS, TEXT_COLUMNS, DataError, InputFile, find_text_column, read_file
+from raysst.corpus import FORMATS as READERS, read_file
+from raysst.formats import TEXT_COLUMNS, DataError, InputFile, find_text_column
 
 logger = logging.getLogger(__name__)
 

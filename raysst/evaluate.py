@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from raysst.config import LABEL_NAMES, Config
-from raysst.corpus import DataError, find_text_column
+from raysst.formats import DataError, find_text_column
 from raysst.data import normalize_labels
 from raysst.report import CURVES, FIGURES, card_section, report_markdown, with_card_section, write_comparison
 from raysst.storage import local_dir, read_text, write_text

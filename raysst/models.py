@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from raysst.config import LABEL_NAMES, PACKAGED_MINILM
+from raysst.storage import filesystem
 
 ID2LABEL = dict(LABEL_NAMES)
 LABEL2ID = {v: k for k, v in ID2LABEL.items()}
@@ -51,7 +52,7 @@ def fetch_uri(uri: str) -> str:
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(local) + ".lock"):
         if not (local / ".complete").exists():
-            fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+            fs, path = filesystem(uri)
             pyarrow.fs.copy_files(path, str(local), source_filesystem=fs)
             (local / ".complete").touch()
     return str(local)

@@ -21,9 +21,8 @@ from collections import Counter
 from raysst.capacity import CapacityError, wait_for_capacity
 from raysst.chunks import Chunk
 from raysst.config import Config, expand_path
-from raysst.corpus import UnreadableFile
 from raysst.config import LABEL_NAMES
-from raysst.corpus import DataError
+from raysst.formats import DataError, UnreadableFile
 from raysst.score_plan import check_plan_file, committed_parts, count_parts, plan, remove_temporaries
 from raysst.score_workers import CHUNKS_IN_ACTOR, STAGES, STATUSES, TMP_PREFIX, ChunkScorer, add_counts
 from raysst.storage import filesystem, write_text

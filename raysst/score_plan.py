@@ -8,7 +8,8 @@ from collections import Counter
 
 from raysst.chunks import Chunk, plan_chunks
 from raysst.config import Config
-from raysst.corpus import UnreadableFile, list_input_files, scan_file
+from raysst.corpus import list_input_files, scan_file
+from raysst.formats import UnreadableFile
 from raysst.score_workers import TMP_PREFIX, add_counts, count_statuses
 from raysst.storage import filesystem, read_text, write_text
 

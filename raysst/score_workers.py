@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysst.chunks import Chunk, read_chunk
-from raysst.corpus import UnreadableFile, is_missing
+from raysst.formats import UnreadableFile, is_missing
 from raysst.config import LABEL_NAMES
 from raysst.data import model_inputs
 from raysst.storage import filesystem

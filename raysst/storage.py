@@ -20,8 +20,9 @@ _FILESYSTEMS: dict = {}  # per process and bucket: S3's region lookup costs a re
 def filesystem(path: str):
     """(pyarrow filesystem, path in it) for a local path or a URI such as s3://bucket/key or gs://...
 
-    Credentials come the standard way (AWS_* variables, ~/.aws, instance roles; GOOGLE_APPLICATION_CREDENTIALS),
-    and AWS_ENDPOINT_URL points S3 at a compatible server (MinIO, moto).
+    Credentials come the standard way (AWS_* variables, ~/.aws, instance roles; GOOGLE_APPLICATION_CREDENTIALS,
+    the node's service account). AWS_ENDPOINT_URL points S3 at a compatible server (MinIO, moto), and
+    STORAGE_EMULATOR_HOST points gs:// at a GCS emulator (fake-gcs-server), as Google's own clients read it.
     """
     import pyarrow.fs
 
@@ -31,8 +32,21 @@ def filesystem(path: str):
     rest, _, query = rest.partition("?")  # options such as ?endpoint_override=... name the filesystem too
     key = f"{scheme}://{rest.split('/', 1)[0]}?{query}"
     if key not in _FILESYSTEMS:
-        _FILESYSTEMS[key] = pyarrow.fs.FileSystem.from_uri(path)[0]
+        _FILESYSTEMS[key] = _gcs_emulator(scheme) or pyarrow.fs.FileSystem.from_uri(path)[0]
     return _FILESYSTEMS[key], rest.rstrip("/")
+
+
+def _gcs_emulator(scheme: str):
+    """A GcsFileSystem on the emulator that STORAGE_EMULATOR_HOST names (http://host:port), for gs:// only."""
+    import os
+
+    import pyarrow.fs
+
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if scheme != "gs" or not host:
+        return None
+    protocol, _, address = host.rpartition("://")
+    return pyarrow.fs.GcsFileSystem(anonymous=True, scheme=protocol or "http", endpoint_override=address)
 
 
 def read_text(path: str) -> str:

@@ -18,7 +18,7 @@ from ray.tune import Callback
 from raysst.capacity import Cluster, check_fits, current_cluster, fmt, lower_hint, workers_at_most, worker_resources
 from raysst.config import TUNE, Config, check_job
 from raysst.export import export_checkpoint
-from raysst.storage import HISTORY_FILE
+from raysst.storage import HISTORY_FILE, filesystem
 
 TRIAL_RUNS = "train_runs"
 # A trial's driver only launches and watches its Train run, so it reserves no CPU: one that held a
@@ -149,7 +149,7 @@ def _run_history(run: str) -> tuple:
     """(history, epochs with a checkpoint) of one Train run, from its latest complete checkpoint."""
     import pyarrow.fs
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(run)
+    fs, root = filesystem(run)
     found = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     kept = {int(f.base_name.rsplit("_", 1)[-1]): f.path for f in found
             if f.type == pyarrow.fs.FileType.Directory and f.base_name.startswith("checkpoint_epoch_")}
@@ -196,7 +196,7 @@ def _publish(local: Path, dest: str) -> None:
     """Copy the output files into the sweep dir (a local path or a pyarrow URI such as s3://)."""
     import pyarrow.fs
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(dest)
+    fs, root = filesystem(dest)
     pyarrow.fs.copy_files(str(local), root, destination_filesystem=fs)
 
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from raysst.config import TRAIN, SCORE, TUNE, Config, build_parser, load_config, parse_config
-from raysst.corpus import DataError
+from raysst.formats import DataError
 from raysst.data import length_grouped_batches, load_split, load_sst2
 from raysst.models import load_tokenizer
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from raysst.config import EVAL, TRAIN, Config, parse_config
-from raysst.corpus import DataError
+from raysst.formats import DataError
 from raysst.evaluate import compute_report, evaluate_frame, model_names, wilson_interval, write_report
 from raysst.report import FIGURES, with_card_section, write_comparison
 

