@@ -1,6 +1,8 @@
 """Training benchmarks (not run in CI). Each part prints its figures as one JSON line.
 
-    python bench/bench_train.py vs-hf  [--samples 6000]   # our trainer vs the HF Trainer, same run
+    python bench/bench_train.py vs-hf  [--samples 20000] [--grouped-only]  # our trainer vs the HF Trainer, same run
+    python bench/bench_train.py whole  [--samples 20000]  # jobs/train.py vs an HF Trainer script, whole processes
+    python bench/bench_train.py ceiling [--samples 20000] # tiny BERT: the input path's samples/s per worker
     python bench/bench_train.py local                     # configs/local.yaml: wall time, accuracy
     python bench/bench_train.py full                      # MiniLM, full SST-2, 1 epoch: accuracy, samples/s
     python bench/bench_train.py gpu   [--batch-size 128]  # bert-base-shaped model, bf16, one GPU: samples/s
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -38,9 +41,9 @@ def run_ours(storage: str, **overrides) -> dict:
     return {**metrics, "wall_seconds": time.perf_counter() - start}
 
 
-def run_hf_trainer(samples: int, strategy: str = "random") -> dict:
+def run_hf_trainer(samples: int, strategy: str = "random", save_to: Optional[str] = None) -> dict:
     """The baseline a user would pick: transformers.Trainer, dynamic padding, and local.yaml's model,
-    batch size, threads and recipe."""
+    batch size, threads and recipe; `save_to` also saves the model and tokenizer there, as our job does."""
     import datasets
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
@@ -73,26 +76,84 @@ def run_hf_trainer(samples: int, strategy: str = "random") -> dict:
         stats = trainer.train().metrics
         wall = time.perf_counter() - start
         accuracy = trainer.evaluate()["eval_accuracy"]
+        if save_to:
+            trainer.save_model(save_to)
+            tok.save_pretrained(save_to)
     return {"train_samples_per_second": stats["train_samples_per_second"], "wall_seconds": wall,
             "accuracy": accuracy}
 
 
-def vs_hf(samples: int) -> dict:
+def vs_hf(samples: int, grouped_only: bool = False) -> dict:
     """Same slice, model, batch, recipe and threads (configs/local.yaml): our Ray trainer, then the HF
-    Trainer with random and with length-grouped sampling."""
+    Trainer with length-grouped (and, unless `grouped_only`, random) sampling."""
     with tempfile.TemporaryDirectory() as storage:
         ours = run_ours(storage, max_train_samples=samples, name="vs-hf")
-    hf = run_hf_trainer(samples)
     hf_grouped = run_hf_trainer(samples, strategy="group_by_length")
     ours_sps = ours["train_samples_per_second"]
-    return {"bench": "train vs HF Trainer", "samples": samples, "model": "all-MiniLM-L6-v2",
-            "threads": ours["config"]["cpus_per_worker"],
-            "raysst_samples_per_second": ours_sps, "raysst_accuracy": ours["accuracy"],
-            "raysst_wall_seconds_incl_ray_startup": ours["wall_seconds"],
-            "hf_trainer_samples_per_second": hf["train_samples_per_second"], "hf_trainer_accuracy": hf["accuracy"],
-            "hf_trainer_grouped_samples_per_second": hf_grouped["train_samples_per_second"],
-            "speedup_vs_hf_trainer": ours_sps / hf["train_samples_per_second"],
-            "speedup_vs_hf_trainer_grouped": ours_sps / hf_grouped["train_samples_per_second"]}
+    result = {"bench": "train vs HF Trainer", "samples": samples, "model": "all-MiniLM-L6-v2",
+              "batch_size": ours["config"]["batch_size"], "threads": ours["config"]["cpus_per_worker"],
+              "raysst_samples_per_second": ours_sps, "raysst_accuracy": ours["accuracy"],
+              "raysst_wall_seconds_incl_ray_startup": ours["wall_seconds"],
+              "hf_trainer_grouped_samples_per_second": hf_grouped["train_samples_per_second"],
+              "hf_trainer_grouped_accuracy": hf_grouped["accuracy"],
+              "speedup_vs_hf_trainer_grouped": ours_sps / hf_grouped["train_samples_per_second"]}
+    if not grouped_only:
+        hf = run_hf_trainer(samples)
+        result.update(hf_trainer_samples_per_second=hf["train_samples_per_second"], hf_trainer_accuracy=hf["accuracy"],
+                      speedup_vs_hf_trainer=ours_sps / hf["train_samples_per_second"])
+    return result
+
+
+def whole(samples: int, keep: Optional[str] = None) -> dict:
+    """What a user waits for: `python jobs/train.py` (its own Ray start, data load, epochs, export and
+    evaluation report) against a script that trains HF's Trainer(group_by_length), evaluates and saves,
+    each a fresh process on the same slice. Also what our job spends outside its epochs."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = keep or tmp
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "jobs/train.py", "--config", LOCAL_CONFIG, "--data", SST2, "--storage-path",
+                        storage, "--max-train-samples", str(samples), "--name", "whole"], cwd=ROOT, env=env,
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ours_s = time.perf_counter() - t0
+        metrics = json.loads((Path(storage) / "whole" / "model" / "metrics.json").read_text())
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "hf-process", "--samples", str(samples), "--out",
+                        str(Path(tmp) / "hf")], env=env, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        hf_s = time.perf_counter() - t0
+    epochs_s = sum(row["train_seconds"] for row in metrics["epochs"])
+    return {"bench": "train, whole processes", "samples": samples, "raysst_process_seconds": ours_s,
+            "raysst_epoch_seconds": epochs_s, "raysst_seconds_outside_epochs": ours_s - epochs_s,
+            "raysst_accuracy": metrics["accuracy"], "hf_trainer_grouped_process_seconds": hf_s,
+            "speedup_whole_process": hf_s / ours_s}
+
+
+def ceiling(samples: int) -> dict:
+    """The input path alone, per worker: our trainer with a tiny BERT (hidden 64, 2 layers), whose step
+    costs little, so samples/s is bounded by the shard, pooling, length grouping and padding; and the same
+    batches iterated with no model at all."""
+    from raysst.data import to_ray_datasets
+    from raysst.models import make_random_model
+    from raysst.train import epoch_batches
+
+    with tempfile.TemporaryDirectory() as d:
+        model = make_random_model(str(Path(d) / "tiny64"), hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=128, max_position_embeddings=128)
+        m = run_ours(d, model=model, max_train_samples=samples, name="ceiling", epochs=2)
+        cfg = load_config(LOCAL_CONFIG, data=SST2)
+        train, validation = load_sst2(SST2, samples, cfg.seed)
+        shard = to_ray_datasets(train, validation, model, cfg.max_seq_length)["train"]
+        t0, n = time.perf_counter(), 0
+        for batch in epoch_batches(shard, cfg, cfg.batch_size, 1, 0, 0):
+            n += len(batch["labels"])
+        data_only = n / (time.perf_counter() - t0)
+    return {"bench": "input-path ceiling, 1 worker, tiny BERT (hidden 64, 2 layers)", "samples": samples,
+            "batch_size": cfg.batch_size, "threads": cfg.cpus_per_worker,
+            "train_samples_per_second_by_epoch": [row["train_samples_per_second"] for row in m["epochs"]],
+            "batches_only_samples_per_second": data_only}
 
 
 def local() -> dict:
@@ -137,13 +198,19 @@ def gpu(batch_size: int, model: Optional[str] = None, data: str = SST2, samples:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["vs-hf", "local", "full", "gpu"])
-    parser.add_argument("--samples", type=int, help="vs-hf: training slice (default 6000); gpu: 0 = all (default)")
+    parser.add_argument("part", choices=["vs-hf", "whole", "ceiling", "local", "full", "gpu", "hf-process"])
+    parser.add_argument("--samples", type=int, help="vs-hf, whole, ceiling: training slice (default 20000); "
+                                                    "gpu: 0 = all (default)")
+    parser.add_argument("--grouped-only", action="store_true", help="vs-hf: skip the HF Trainer's random sampling")
+    parser.add_argument("--out", help="hf-process: save the HF Trainer's model here; whole: keep our run here")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--model", help="gpu: this model directory instead of a fresh random bert-base")
     parser.add_argument("--data", default=SST2, help="gpu: SST-2 directory (default: %(default)s)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="gpu: cpu for a smoke run")
     a = parser.parse_args()
-    result = {"vs-hf": lambda: vs_hf(a.samples or 6000), "local": local, "full": full,
+    result = {"vs-hf": lambda: vs_hf(a.samples or 20000, a.grouped_only),
+              "whole": lambda: whole(a.samples or 20000, a.out), "ceiling": lambda: ceiling(a.samples or 20000),
+              "hf-process": lambda: run_hf_trainer(a.samples or 20000, "group_by_length", a.out),
+              "local": local, "full": full,
               "gpu": lambda: gpu(a.batch_size, a.model, a.data, a.samples or 0, a.device)}[a.part]()
     print(json.dumps(result))
