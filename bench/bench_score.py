@@ -5,6 +5,7 @@
     python bench/bench_score.py gpu     # bert-base-shaped model, bf16, on the GPUs of this machine
     python bench/bench_score.py whole   # `jobs/score.py` with default flags vs a pipeline script, whole processes
     python bench/bench_score.py whole --precision int8   # the same, the job's Linear layers in dynamic int8
+    python bench/bench_score.py agree --model DIR   # a trained model: int8 labels against fp32, accuracy of each
     python bench/bench_score.py bigfile # one 1M-row parquet file: rows/s, peak RSS, time by stage; kill at 50%, rerun
 
 The job's rows/s include starting its actors and loading the model (not starting Ray); the pipeline's
@@ -145,7 +146,7 @@ def bench_whole(args, work: Path) -> None:
 
     val = pd.read_parquet(SST2 / "validation.parquet").sentence.tolist()
     texts = (val * (args.whole_rows // len(val) + 1))[:args.whole_rows]
-    model = minilm_classifier(work / "minilm")
+    model = args.model or minilm_classifier(work / "minilm")
     data = work / "whole.parquet"
     pd.DataFrame({"sentence": texts}).to_parquet(data)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
@@ -170,6 +171,31 @@ def bench_whole(args, work: Path) -> None:
               f"{summary['hardware']['dtype']}, "
               f"{summary['wall_seconds']:.1f} s inside the job) | ratio {pipe_s / job_s:.2f}x | labels agree "
               f"{agree:.2%} | {load()}", flush=True)
+
+
+def bench_agree(args, work: Path) -> None:
+    """A trained classifier (`--model`) scores SST-2 validation in fp32 and in int8 (dynamic, the Linear
+    layers): how often int8's label is fp32's, and each one's accuracy against the gold labels."""
+    if not args.model:
+        raise SystemExit("agree: pass --model DIR, a trained classifier (a random head agrees by chance)")
+    gold = pd.read_parquet(SST2 / "validation.parquet")
+    data = work / "validation.parquet"
+    gold[["sentence", "label", "idx"]].to_parquet(data)
+    base = Config(model=args.model, input=str(data), output="unused", num_actors=args.num_workers,
+                  cpus_per_worker=args.cpus_per_worker, eval_batch_size=args.batch_size)
+    scored = {}
+    for precision in ("fp32", "int8"):
+        run_job(base.replace(precision=precision), work / f"agree_{precision}")
+        scored[precision] = read_scored(str(work / f"agree_{precision}")).sort_values("idx")
+    fp32, int8 = scored["fp32"], scored["int8"]
+    labels = {k: (v.label == "positive").astype(int).to_numpy() for k, v in scored.items()}
+    drift = np.abs(int8.prob_positive.to_numpy() - fp32.prob_positive.to_numpy()).max()
+    acc = {k: float(np.mean(v == fp32.input_label.to_numpy())) for k, v in labels.items()}
+    print(f"agree: {len(fp32)} SST-2 validation sentences, {args.model}: int8 labels agree with fp32 on "
+          f"{np.mean(labels['int8'] == labels['fp32']):.2%} (target >= 99%); accuracy fp32 {acc['fp32']:.2%}, "
+          f"int8 {acc['int8']:.2%} ({(acc['int8'] - acc['fp32']) * 100:+.2f} points; target within 0.3); "
+          f"largest prob_positive difference {drift:.4f}",
+          flush=True)
 
 
 def bench_gpu(args, work: Path) -> None:
@@ -240,7 +266,7 @@ def bench_bigfile(args, work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parts", nargs="*", default=["speed", "scale"],
-                        choices=["speed", "scale", "gpu", "whole", "bigfile"])
+                        choices=["speed", "scale", "gpu", "whole", "agree", "bigfile"])
     parser.add_argument("--rows", type=int, default=20_000, help="speed: sentences scored")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--num-workers", type=int, default=os.cpu_count(), help="model actors (default: one per core)")
@@ -250,9 +276,10 @@ def main() -> None:
     parser.add_argument("--scale-rows", type=int, default=20_000, help="scale: the small corpus; the large is 10x")
     parser.add_argument("--whole-rows", type=int, default=10_464, help="whole: rows (12 x the validation set)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="whole: the job's --precision")
+    parser.add_argument("--model", help="whole, agree: a trained classifier (whole's default: MiniLM, random head)")
     parser.add_argument("--gpu-rows", type=int, default=500_000)
     parser.add_argument("--big-rows", type=int, default=1_000_000, help="bigfile: rows of the one file")
-    parser.add_argument("--chunk-rows", type=int, default=Config.chunk_rows, help="bigfile: the job's --chunk-rows")
+    parser.add_argument("--chunk-rows", type=int, default=100_000, help="bigfile: the job's --chunk-rows")
     parser.add_argument("--gpu-batch-size", type=int, default=512)
     parser.add_argument("--workdir", help="keep corpora and outputs here (default: a temporary directory)")
     args = parser.parse_args()
@@ -267,7 +294,7 @@ def main() -> None:
         work = Path(args.workdir or tmp)
         for part in args.parts:
             {"speed": bench_speed, "scale": bench_scale, "gpu": bench_gpu, "whole": bench_whole,
-             "bigfile": bench_bigfile}[part](args, work)
+             "agree": bench_agree, "bigfile": bench_bigfile}[part](args, work)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ from raysst.formats import InputFile, parse_text, reading, text_values
 
 SCAN_BLOCK = 8 << 20  # bytes per read of the boundary scan
 BOM = codecs.BOM_UTF8
+GRAIN = 1_000  # records between the cuts a text scan keeps while the chunk size is still to be chosen
+AUTO_CHUNKS = 64  # 4 chunks an actor up to 16 actors: actors that start late still get their share
+MAX_AUTO_ROWS = 100_000
 
 
 @dataclass(frozen=True)
@@ -43,18 +46,46 @@ class Chunk:
         return Chunk(**{**d, "file": InputFile(**d["file"])})
 
 
-def plan_chunks(f: InputFile, chunk_rows: int) -> list[Chunk]:
-    """A file's chunks, at least one (an empty file still gets its empty part); raises UnreadableFile."""
+@dataclass(frozen=True)
+class Layout:
+    """What planning needs of one file: its rows, and for a text format the byte after every `grain`-th record."""
+
+    file: InputFile
+    rows: int
+    grain: int = 0
+    cuts: tuple = ()
+    size: int = 0
+
+
+def scan_layout(f: InputFile, grain: int) -> Layout:
+    """One pass over a text file (none for parquet, whose footer counts its rows); raises UnreadableFile."""
+    if f.fmt == "parquet":
+        return Layout(f, f.num_rows or 0)
+    with reading(f), open_input(f) as fh:
+        encoding, bom, head, cuts, size, records = _scan_text(fh, f.fmt, grain)
+    return Layout(dataclasses.replace(f, encoding=encoding, bom=bom, head=head), records, grain, tuple(cuts), size)
+
+
+def auto_chunk_rows(total_rows: int) -> int:
+    """Rows per chunk for `--chunk-rows 0`: the corpus in about AUTO_CHUNKS chunks, so no actor idles while
+    another holds the only chunk, of 2 to 100 x GRAIN rows (a chunk is also the pool sorted by length to cut
+    padding: a smaller one pads more)."""
+    per_chunk = -(-total_rows // AUTO_CHUNKS)
+    return GRAIN * min(max(-(-per_chunk // GRAIN), 2), MAX_AUTO_ROWS // GRAIN)
+
+
+def plan_chunks(layout: Layout, chunk_rows: int) -> list[Chunk]:
+    """A file's chunks, at least one (an empty file still gets its empty part); `chunk_rows` is a multiple of
+    the layout's grain. Raises UnreadableFile."""
+    f = layout.file
     if f.fmt == "parquet":
         return _parquet_chunks(f, chunk_rows)
-    with reading(f), open_input(f) as fh:
-        encoding, bom, head, cuts, size = _scan_text(fh, f.fmt, chunk_rows)
-    f = dataclasses.replace(f, encoding=encoding, bom=bom, head=head)
-    edges = [head, *cuts]
-    if edges[-1] < size:
-        edges.append(size)
+    every = chunk_rows // layout.grain
+    edges = [f.head, *layout.cuts[every - 1::every]]
+    if edges[-1] < layout.size:
+        edges.append(layout.size)
     if len(edges) == 1:
-        edges.append(head)
+        edges.append(f.head)
     return [Chunk(f, i, a, b, first_row=i * chunk_rows) for i, (a, b) in enumerate(zip(edges, edges[1:]))]
 
 
@@ -73,8 +104,9 @@ def _parquet_chunks(f: InputFile, chunk_rows: int) -> list[Chunk]:
     return chunks or [Chunk(f, 0, 0, 0)]
 
 
-def _scan_text(fh, fmt: str, chunk_rows: int) -> tuple[str, int, int, list[int], int]:
-    """One pass: (encoding, BOM length, byte where rows start, cut offsets every chunk_rows records, size)."""
+def _scan_text(fh, fmt: str, chunk_rows: int) -> tuple[str, int, int, list[int], int, int]:
+    """One pass: (encoding, BOM length, byte where rows start, cut offsets every chunk_rows records, size,
+    records that end in a newline)."""
     decoders = {name: codecs.getincrementaldecoder(name)() for name in ("utf-8", "cp1252")}
     quoted = fmt == "csv"  # tsv is read with quoting off; jsonl and txt escape their newlines
     offset, bom, head, parity, records, cuts = 0, 0, None if fmt in ("csv", "tsv") else 0, 0, 0, []
@@ -111,7 +143,7 @@ def _scan_text(fh, fmt: str, chunk_rows: int) -> tuple[str, int, int, list[int],
             del decoders[name]
     if fmt not in ("csv", "tsv"):
         head = bom
-    return next(iter(decoders), "latin-1"), bom, offset if head is None else head, cuts, offset
+    return next(iter(decoders), "latin-1"), bom, offset if head is None else head, cuts, offset, records
 
 
 def read_chunk(c: Chunk) -> tuple[pa.Table, list]:

@@ -92,8 +92,9 @@ class Config:
     text_column: Optional[str] = _f(None, "text column (default: `sentence` or `text`)", (SCORE, EVAL))
     id_column: Optional[str] = _f(None, "id column kept as the row key", (SCORE,))
     on_bad_file: str = _f("fail", "fail or skip unreadable files", (SCORE,))
-    chunk_rows: int = _f(100_000, "rows per chunk of a file (parquet: at most one row group): the unit scored, "
-                         "written as one part and resumed", (SCORE,))
+    chunk_rows: int = _f(0, "rows per chunk of a file (parquet: at most one row group): the unit scored, written "
+                         "as one part and resumed; 0: the corpus in about 64 chunks of 2,000 to 100,000 rows "
+                         "(a rerun keeps the first run's)", (SCORE,))
     # Evaluate.
     models: list = _f([], "model to evaluate; repeat the flag to compare several side by side (default: `model`)",
                       (), flag={EVAL: "model"}, repeat=True)
@@ -141,7 +142,7 @@ class Config:
         _check(self.scheduler in ("asha", "none"), "scheduler", self.scheduler, "asha or none")
         _check(self.search in ("random", "optuna"), "search", self.search, "random or optuna")
         _check(self.on_bad_file in ("fail", "skip"), "on_bad_file", self.on_bad_file, "fail or skip")
-        _check(self.chunk_rows >= 1, "chunk_rows", self.chunk_rows, "at least 1")
+        _check(self.chunk_rows >= 0, "chunk_rows", self.chunk_rows, "0 (auto) or more")
         self.models = [str(m) for m in ([self.models] if isinstance(self.models, str) else self.models)]
         # Each model's report lands in a directory named after it: the same model twice would collide.
         _check(len(set(self.models)) == len(self.models) and all(self.models), "models", self.models,

@@ -74,7 +74,8 @@ def score_driver_fn(cfg: Config) -> dict:
     if not cfg.input or not cfg.output:
         raise ValueError("score needs an input (--input FILE|DIR|GLOB|URI) and an output (--output DIR|URI)")
     output = expand_path(cfg.output).rstrip("/")
-    todo, done, skipped, ignored, decoded = plan(cfg, output)
+    todo, done, skipped, ignored, decoded, chunk_rows = plan(cfg, output)
+    cfg = cfg.replace(chunk_rows=chunk_rows)
     model = resolve_model(cfg.model)
     per_file: dict[str, Counter] = {rel: count_parts(parts) for rel, parts in done.items()}
     n_resumed = sum(map(len, done.values()))

@@ -6,7 +6,7 @@ import json
 import re
 from collections import Counter
 
-from raysst.chunks import Chunk, plan_chunks
+from raysst.chunks import GRAIN, Chunk, auto_chunk_rows, plan_chunks, scan_layout
 from raysst.config import Config
 from raysst.corpus import list_input_files, scan_file
 from raysst.formats import UnreadableFile
@@ -33,43 +33,62 @@ def committed_parts(output: str) -> dict[str, dict[int, str]]:
     return found
 
 
-def plan(cfg: Config, output: str) -> tuple[list[Chunk], dict, list[dict], list[str], dict]:
-    """Chunks still to score, committed parts by file, files skipped as unreadable, files ignored, and
-    the encoding of each file not read as UTF-8.
+def plan(cfg: Config, output: str) -> tuple[list[Chunk], dict, list[dict], list[str], dict, int]:
+    """Chunks still to score, committed parts by file, files skipped as unreadable, files ignored, the
+    encoding of each file not read as UTF-8, and the rows per chunk (`--chunk-rows`, else what an earlier
+    run of this output chose, else chosen from the corpus's rows: auto_chunk_rows).
 
     Runs before any model loads: a missing text or id column fails here, naming the file and its columns.
     """
     files, ignored = list_input_files(cfg.input, exclude=output)
     done = committed_parts(output)
-    todo, skipped, decoded, resumed = [], [], {}, {}
-    for f in files:
+    rows = cfg.chunk_rows or recorded_chunk_rows(output)
+    skipped: list[dict] = []
+
+    def unless_unreadable(f, step, *args):  # None for a file skipped with --on-bad-file skip
         try:
-            chunks = plan_chunks(scan_file(f, cfg.text_column, cfg.id_column), cfg.chunk_rows)
+            return step(*args)
         except UnreadableFile as e:
             if cfg.on_bad_file == "fail":
                 raise
             skipped.append({"file": f.path, "error": str(e)})
+
+    def scan(f):
+        return scan_layout(scan_file(f, cfg.text_column, cfg.id_column), rows or GRAIN)
+
+    layouts = [layout for layout in (unless_unreadable(f, scan, f) for f in files) if layout]
+    rows = rows or auto_chunk_rows(sum(layout.rows for layout in layouts))
+    todo, decoded, resumed = [], {}, {}
+    for layout in layouts:
+        f = layout.file
+        chunks = unless_unreadable(f, plan_chunks, layout, rows)
+        if chunks is None:
             continue
-        if chunks[0].file.encoding != "utf-8":
-            decoded[f.rel] = chunks[0].file.encoding
+        if f.encoding != "utf-8":
+            decoded[f.rel] = f.encoding
         have = done.get(f.rel, {})
         if have:
             resumed[f.rel] = {c.index: have[c.index] for c in chunks if c.index in have}
         todo.extend(c for c in chunks if c.index not in have)
-    return todo, resumed, skipped, ignored, decoded
+    return todo, resumed, skipped, ignored, decoded, rows
+
+
+def recorded_chunk_rows(output: str) -> int:
+    """The rows per chunk that an earlier run of `output` cut its parts with (0: none ran)."""
+    try:
+        return int(json.loads(read_text(f"{output}/{PLAN_FILE}"))["chunk_rows"])
+    except (FileNotFoundError, OSError):
+        return 0
 
 
 def check_plan_file(output: str, chunk_rows: int) -> None:
     """Parts cut with another chunk size would overlap the new ones: refuse rather than duplicate rows."""
-    path = f"{output}/{PLAN_FILE}"
-    try:
-        before = json.loads(read_text(path))["chunk_rows"]
-    except (FileNotFoundError, OSError):
-        write_text(path, json.dumps({"chunk_rows": chunk_rows}))
-        return
-    if before != chunk_rows:
+    before = recorded_chunk_rows(output)
+    if not before:
+        write_text(f"{output}/{PLAN_FILE}", json.dumps({"chunk_rows": chunk_rows}))
+    elif before != chunk_rows:
         raise ValueError(f"{output}: its parts were cut with --chunk-rows {before}, not {chunk_rows}; rerun with "
-                         f"--chunk-rows {before} to resume, or use a new --output")
+                         f"--chunk-rows {before} (or without the flag) to resume, or use a new --output")
 
 
 def count_parts(parts: dict) -> Counter:

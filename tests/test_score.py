@@ -184,6 +184,37 @@ def test_rerun_after_interruption_gives_one_row_per_input_row(scored):
     assert summary["label_counts"] == first["label_counts"]
 
 
+def test_auto_chunks_split_a_small_corpus_for_every_actor_and_a_rerun_keeps_them(tmp_path):
+    """--chunk-rows 0 (the default) cuts ~64 chunks of 2,000 to 100,000 rows, from the corpus's row count: one
+    file of 20,000 rows is 10 chunks, not one chunk for one actor while the others idle. A text file scanned
+    before the size is chosen gets the same byte ranges as one scanned at that size, and a rerun reads the
+    size back from _plan.json rather than choosing again."""
+    from raysst.chunks import auto_chunk_rows
+    from raysst.score_plan import PLAN_FILE, check_plan_file, plan
+
+    assert [auto_chunk_rows(n) for n in (0, 20_000, 1_000_000, 4_000_000, 10**9)] == [2_000, 2_000, 16_000,
+                                                                                      63_000, 100_000]
+    (tmp_path / "in").mkdir()
+    texts = [f"phrase number {i}, \"quoted\"\nacross a line" if i % 7 == 0 else f"phrase {i}" for i in range(20_000)]
+    pd.DataFrame({"sentence": texts}).to_csv(tmp_path / "in" / "a.csv", index=False)
+    pq.write_table(pa.table({"sentence": texts[:5_000]}), tmp_path / "in" / "b.parquet", row_group_size=3_000)
+    out = str(tmp_path / "out")
+    auto = plan(Config(input=str(tmp_path / "in"), output=out), out)
+    todo, rows = auto[0], auto[-1]
+    assert rows == 2_000  # 25,000 rows / 64, at least 2,000
+    by_file = {rel: [c for c in todo if c.file.rel == rel] for rel in ("a.csv", "b.parquet")}
+    assert len(by_file["a.csv"]) == 10 and len(by_file["b.parquet"]) == 3  # row groups of 3,000 (2 chunks) and 2,000
+    explicit = plan(Config(input=str(tmp_path / "in"), output=out, chunk_rows=2_000), out)[0]
+    assert [(c.file.rel, c.start, c.stop, c.row_group) for c in todo] == \
+        [(c.file.rel, c.start, c.stop, c.row_group) for c in explicit]
+    check_plan_file(out, rows)
+    assert json.loads((tmp_path / "out" / PLAN_FILE).read_text()) == {"chunk_rows": 2_000}
+    pd.DataFrame({"sentence": texts * 10}).to_csv(tmp_path / "in" / "c.csv", index=False)  # 225,000 rows now
+    assert plan(Config(input=str(tmp_path / "in"), output=out), out)[-1] == 2_000  # the first run's size
+    with pytest.raises(ValueError, match=r"cut with --chunk-rows 2000, not 5000; rerun with --chunk-rows 2000"):
+        check_plan_file(out, plan(Config(input=str(tmp_path / "in"), output=out, chunk_rows=5_000), out)[-1])
+
+
 def test_unreadable_file_fails_naming_it(tmp_path, scoring_model, sst2_small, ray_local):
     (tmp_path / "in").mkdir()
     pd.read_parquet(sst2_small / "validation.parquet").head(5).to_parquet(tmp_path / "in" / "good.parquet")
