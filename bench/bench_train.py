@@ -1,6 +1,6 @@
 """Training benchmarks (not run in CI). Each part prints its figures as one JSON line.
 
-    python bench/bench_train.py vs-hf  [--samples 20000] [--grouped-only]  # our trainer vs the HF Trainer, same run
+    python bench/bench_train.py vs-hf  [--samples 20000] [--grouped-only] [--precision bf16]  # vs the HF Trainer
     python bench/bench_train.py whole  [--samples 20000]  # jobs/train.py vs an HF Trainer script, whole processes
     python bench/bench_train.py ceiling [--samples 20000] # tiny BERT: the input path's samples/s per worker
     python bench/bench_train.py local                     # configs/local.yaml: wall time, accuracy
@@ -41,7 +41,8 @@ def run_ours(storage: str, **overrides) -> dict:
     return {**metrics, "wall_seconds": time.perf_counter() - start}
 
 
-def run_hf_trainer(samples: int, strategy: str = "random", save_to: Optional[str] = None) -> dict:
+def run_hf_trainer(samples: int, strategy: str = "random", save_to: Optional[str] = None,
+                   precision: str = "fp32") -> dict:
     """The baseline a user would pick: transformers.Trainer, dynamic padding, and local.yaml's model,
     batch size, threads and recipe; `save_to` also saves the model and tokenizer there, as our job does."""
     import datasets
@@ -68,7 +69,8 @@ def run_hf_trainer(samples: int, strategy: str = "random", save_to: Optional[str
                                  warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                                  max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="linear", use_cpu=True,
                                  report_to=[], save_strategy="no", logging_steps=10_000, seed=cfg.seed,
-                                 train_sampling_strategy=strategy, dataloader_num_workers=0)
+                                 train_sampling_strategy=strategy, dataloader_num_workers=0,
+                                 bf16=precision == "bf16")
         trainer = Trainer(model=model, args=args, train_dataset=encode(train),
                           eval_dataset=encode(validation), data_collator=DataCollatorWithPadding(tok),
                           compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
@@ -83,22 +85,23 @@ def run_hf_trainer(samples: int, strategy: str = "random", save_to: Optional[str
             "accuracy": accuracy}
 
 
-def vs_hf(samples: int, grouped_only: bool = False) -> dict:
-    """Same slice, model, batch, recipe and threads (configs/local.yaml): our Ray trainer, then the HF
-    Trainer with length-grouped (and, unless `grouped_only`, random) sampling."""
+def vs_hf(samples: int, grouped_only: bool = False, precision: str = "fp32") -> dict:
+    """Same slice, model, batch, recipe, threads and precision (configs/local.yaml): our Ray trainer, then the
+    HF Trainer with length-grouped (and, unless `grouped_only`, random) sampling."""
     with tempfile.TemporaryDirectory() as storage:
-        ours = run_ours(storage, max_train_samples=samples, name="vs-hf")
-    hf_grouped = run_hf_trainer(samples, strategy="group_by_length")
+        ours = run_ours(storage, max_train_samples=samples, name="vs-hf", precision=precision)
+    hf_grouped = run_hf_trainer(samples, strategy="group_by_length", precision=precision)
     ours_sps = ours["train_samples_per_second"]
     result = {"bench": "train vs HF Trainer", "samples": samples, "model": "all-MiniLM-L6-v2",
               "batch_size": ours["config"]["batch_size"], "threads": ours["config"]["cpus_per_worker"],
+              "precision": precision,
               "raysst_samples_per_second": ours_sps, "raysst_accuracy": ours["accuracy"],
               "raysst_wall_seconds_incl_ray_startup": ours["wall_seconds"],
               "hf_trainer_grouped_samples_per_second": hf_grouped["train_samples_per_second"],
               "hf_trainer_grouped_accuracy": hf_grouped["accuracy"],
               "speedup_vs_hf_trainer_grouped": ours_sps / hf_grouped["train_samples_per_second"]}
     if not grouped_only:
-        hf = run_hf_trainer(samples)
+        hf = run_hf_trainer(samples, precision=precision)
         result.update(hf_trainer_samples_per_second=hf["train_samples_per_second"], hf_trainer_accuracy=hf["accuracy"],
                       speedup_vs_hf_trainer=ours_sps / hf["train_samples_per_second"])
     return result
@@ -202,13 +205,15 @@ if __name__ == "__main__":
     parser.add_argument("--samples", type=int, help="vs-hf, whole, ceiling: training slice (default 20000); "
                                                     "gpu: 0 = all (default)")
     parser.add_argument("--grouped-only", action="store_true", help="vs-hf: skip the HF Trainer's random sampling")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="vs-hf: both trainers' precision (bf16: CPU autocast, HF's bf16=True)")
     parser.add_argument("--out", help="hf-process: save the HF Trainer's model here; whole: keep our run here")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--model", help="gpu: this model directory instead of a fresh random bert-base")
     parser.add_argument("--data", default=SST2, help="gpu: SST-2 directory (default: %(default)s)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="gpu: cpu for a smoke run")
     a = parser.parse_args()
-    result = {"vs-hf": lambda: vs_hf(a.samples or 20000, a.grouped_only),
+    result = {"vs-hf": lambda: vs_hf(a.samples or 20000, a.grouped_only, a.precision),
               "whole": lambda: whole(a.samples or 20000, a.out), "ceiling": lambda: ceiling(a.samples or 20000),
               "hf-process": lambda: run_hf_trainer(a.samples or 20000, "group_by_length", a.out),
               "local": local, "full": full,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from raysst.config import Config
+from raysst.models import precision_name
 from raysst.storage import HISTORY_FILE, STATE_FILE, copy_to
 
 
@@ -90,7 +91,7 @@ classifier("a gripping, beautifully acted film")
 - schedule: linear warmup over {c.warmup_ratio:.0%} of steps, then linear decay; gradient clipping at {c.max_grad_norm:g}
 - dropout: {"the base model's own" if c.dropout is None else f"{c.dropout:g}"}
 - max sequence length: {c.max_seq_length}; dynamic padding{', length-grouped batches' if c.group_by_length else ''}
-- precision: {c.precision if c.compute_on_gpu else 'fp32 (CPU)'}; seed: {c.seed}
+- precision: {precision_name(c.compute_on_gpu, c.precision)}; seed: {c.seed}
 
 ## Speed and hardware
 

@@ -67,7 +67,7 @@ def train_fn_per_worker(config: dict) -> None:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
     dtype = device_dtype(cfg.compute_on_gpu, cfg.precision)
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     history, start_epoch = [], 1

@@ -111,6 +111,21 @@ def test_exported_model_loads_in_pipeline(trained):
     assert all(0.5 <= a["score"] <= 1 for a in answers)
 
 
+def test_bf16_on_cpu_trains_under_autocast_and_exports_fp32_weights(ray_local, tiny_model, sst2_small, tmp_path):
+    """--precision bf16 without a GPU: the step runs under CPU autocast (1.3x on CPUs with AVX512-BF16);
+    the weights stay fp32, as saved and as `pipeline` loads them, and the card says what ran."""
+    from safetensors.torch import load_file
+
+    from raysst.train import train_driver_fn
+
+    cfg = tiny_cfg(tiny_model, sst2_small, tmp_path, num_workers=1, epochs=1, precision="bf16", name="bf16")
+    model_dir = Path(train_driver_fn(cfg))
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert 0 < metrics["epochs"][0]["train_loss"] < 10 and metrics["epochs"][0]["train_samples"] == 800
+    assert "- precision: bfloat16;" in (model_dir / "README.md").read_text()
+    assert {t.dtype for t in load_file(str(model_dir / "model.safetensors")).values()} == {torch.float32}
+
+
 def test_reported_accuracy_equals_recomputed(trained, sst2_small):
     cfg, model_dir = trained
     metrics = json.loads((model_dir / "metrics.json").read_text())
