@@ -1,6 +1,7 @@
 """Data formats, bad inputs and the config: no Ray needed."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -142,6 +143,13 @@ def test_config_file_then_flags(tmp_path):
     cfg = parse_config(TRAIN, ["--config", str(path), "--epochs", "2", "--no-group-by-length", "--dropout", "0"])
     assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.group_by_length, cfg.dropout) == (2, 1e-4, 64, False, 0.0)
     assert cfg.storage_path.startswith("/")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_is_a_valid_training_config(path):
+    cfg = parse_config(TRAIN, ["--config", str(path)])
+    assert cfg.epochs >= 1 and cfg.batch_size % cfg.num_workers == 0
 
 
 def test_config_rejects_bad_values(tmp_path):
