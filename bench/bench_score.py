@@ -4,7 +4,7 @@
     python bench/bench_score.py scale   # tiny model: rows/s and peak memory as the corpus grows 10x
     python bench/bench_score.py gpu     # bert-base-shaped model, bf16, on the GPUs of this machine
     python bench/bench_score.py whole   # `jobs/score.py` with default flags vs a pipeline script, whole processes
-    python bench/bench_score.py whole --precision int8   # the same, the job's Linear layers in dynamic int8
+    python bench/bench_score.py whole --precision int8   # the same, the job in int8 (raysst.quantize)
     python bench/bench_score.py agree --model DIR   # a trained model: int8 labels against fp32, accuracy of each
     python bench/bench_score.py bigfile # one 1M-row parquet file: rows/s, peak RSS, time by stage; kill at 50%, rerun
 
@@ -174,8 +174,8 @@ def bench_whole(args, work: Path) -> None:
 
 
 def bench_agree(args, work: Path) -> None:
-    """A trained classifier (`--model`) scores SST-2 validation in fp32 and in int8 (dynamic, the Linear
-    layers): how often int8's label is fp32's, and each one's accuracy against the gold labels."""
+    """A trained classifier (`--model`) scores SST-2 validation in fp32 and in int8 (raysst.quantize): how
+    often int8's label is fp32's, and each one's accuracy against the gold labels."""
     if not args.model:
         raise SystemExit("agree: pass --model DIR, a trained classifier (a random head agrees by chance)")
     gold = pd.read_parquet(SST2 / "validation.parquet")

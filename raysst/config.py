@@ -68,7 +68,7 @@ class Config:
     max_train_samples: Optional[int] = _f(None, "train on a random slice of this many examples (0: all)")
     group_by_length: bool = _f(True, "batch examples of similar length together to cut padding")
     precision: str = _f("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16 (on a CPU too), "
-                        "fp16, fp32, or int8 (score and evaluate on CPU only: Linear layers quantized dynamically)",
+                        "fp16, fp32, or int8 (score and evaluate on CPU only: the encoder's Linear layers in dynamic int8)",
                         ALL)
     seed: int = _f(42, "random seed")
     eval_batch_size: int = _f(128, "batch size for validation and scoring", TRAINING + (EVAL,), flag={SCORE: "batch-size"})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -138,7 +137,7 @@ def device_dtype(use_gpu: bool, precision: str):
     return torch.float16
 
 
-INT8_DYNAMIC = "int8 (dynamic, Linear layers)"
+INT8_DYNAMIC = "int8 (dynamic, smoothed, encoder Linear layers)"
 
 
 def precision_name(use_gpu: bool, precision: str) -> str:
@@ -148,25 +147,18 @@ def precision_name(use_gpu: bool, precision: str) -> str:
     return str(device_dtype(use_gpu, precision) or "float32").replace("torch.", "")
 
 
-def load_for_inference(name: str, use_gpu: bool, precision: str):
+def load_for_inference(name: str, use_gpu: bool, precision: str, calibration: Optional[list] = None):
     """The classifier in eval mode on its device (cuda or cpu) at `precision`, for scoring.
 
-    int8 quantizes the Linear layers dynamically (int8 weights, activations quantized per call) in this
-    process only: the saved model stays as it was trained.
+    int8 quantizes the encoder's Linear layers in this process only (raysst.quantize), with scales measured
+    on `calibration` (model-input batches of texts like those to score): the saved model stays as trained.
     """
-    import torch
-
     model = load_classifier(name, dtype=device_dtype(use_gpu, precision)).to("cuda" if use_gpu else "cpu").eval()
     if precision != "int8":
         return model
-    with warnings.catch_warnings():
-        # torch points eager quantization users to torchao, which this project does not depend on; the API
-        # still works, and the warnings would repeat in every actor's log.
-        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
-        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
-        from torch.ao.quantization import quantize_dynamic
+    from raysst.quantize import quantize_int8
 
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return quantize_int8(model, calibration or [])
 
 
 def device_info() -> dict:

@@ -23,7 +23,8 @@ from raysst.chunks import Chunk
 from raysst.config import Config, expand_path
 from raysst.config import LABEL_NAMES
 from raysst.formats import DataError, UnreadableFile
-from raysst.score_plan import check_plan_file, committed_parts, count_parts, plan, remove_temporaries
+from raysst.score_plan import (calibration_texts, check_plan_file, committed_parts, count_parts, plan,
+                               remove_temporaries)
 from raysst.score_workers import CHUNKS_IN_ACTOR, STAGES, STATUSES, TMP_PREFIX, ChunkScorer, add_counts
 from raysst.storage import filesystem, write_text
 
@@ -47,7 +48,7 @@ def model_actors(cfg: Config) -> int:
     return int(have["GPU"])
 
 
-def build_pipeline(todo: list[Chunk], cfg: Config, model: str, output: str):
+def build_pipeline(todo: list[Chunk], cfg: Config, model: str, output: str, calibration: list[str]):
     """One row per chunk through an actor pool; each call scores and writes its chunk (see score_workers)."""
     import ray.data
 
@@ -59,7 +60,8 @@ def build_pipeline(todo: list[Chunk], cfg: Config, model: str, output: str):
                                            enable_true_multi_threading=True),
         fn_constructor_kwargs={"model": model, "use_gpu": cfg.compute_on_gpu, "precision": cfg.precision,
                                "batch_size": cfg.eval_batch_size, "threads": cfg.cpus_per_worker,
-                               "max_length": cfg.max_seq_length, "output": output},
+                               "max_length": cfg.max_seq_length, "output": output,
+                               "calibration": tuple(calibration)},
         num_cpus=1 if cfg.use_gpu else cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)
 
 
@@ -91,8 +93,9 @@ def score_driver_fn(cfg: Config) -> dict:
                       cfg.wait_for_nodes)
     check_plan_file(output, cfg.chunk_rows)  # the first write: a job that cannot run leaves nothing behind
     remove_temporaries(output)
-    scored = _run(build_pipeline(todo, cfg, model, output), todo, per_file, skipped, cfg.on_bad_file == "fail",
-                  t0) if todo else Counter()
+    calibration = calibration_texts(output, todo) if cfg.precision == "int8" and todo else []
+    pipeline = build_pipeline(todo, cfg, model, output, calibration) if todo else None
+    scored = _run(pipeline, todo, per_file, skipped, cfg.on_bad_file == "fail", t0) if todo else Counter()
     remove_temporaries(output)  # an actor lost mid-write (its node gone) leaves one; its chunk was redone
     failed = {s.pop("rel") for s in skipped if "rel" in s}
     if failed:  # a file found unreadable part-way keeps no parts: its rows are all or nothing

@@ -41,7 +41,7 @@ class ChunkScorer:
     """Model stage (Ray Data actor, one per GPU or per `cpus_per_worker` CPUs): loads the model once."""
 
     def __init__(self, model: str, use_gpu: bool, precision: str, batch_size: int, threads: int, max_length: int,
-                 output: str):
+                 output: str, calibration: tuple = ()):
         import torch
 
         from raysst.data import rust_tokenizer
@@ -50,12 +50,12 @@ class ChunkScorer:
         if not use_gpu:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = load_for_inference(model, use_gpu, precision)
         tokenizer = load_tokenizer(model)
         if not tokenizer.is_fast:
             raise ValueError(f"{model}: scoring needs a fast (Rust) tokenizer; this model has a Python one only")
         self.backend = rust_tokenizer(tokenizer.backend_tokenizer.to_str(), max_length)
         self.pad_id = tokenizer.pad_token_id or 0
+        self.model = load_for_inference(model, use_gpu, precision, self.batches(list(calibration), batch_size))
         self.batch_size, self.output = batch_size, output
         self.model_lock = threading.Lock()
         # The driver may run on a CPU head node: what scored the rows is told by the actor itself.
@@ -98,6 +98,11 @@ class ChunkScorer:
                     status[i] = "truncated"
             flat.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int64))
         return (np.concatenate(flat) if flat else np.zeros(0, np.int64)), lengths, status
+
+    def batches(self, texts: list, batch_size: int) -> list[dict]:
+        """Model inputs for `texts`, grouped by length (int8 calibration)."""
+        ids = sorted((np.array(e.ids) for e in self.backend.encode_batch_fast(texts)), key=len)
+        return [model_inputs(ids[i:i + batch_size], self.pad_id) for i in range(0, len(ids), batch_size)]
 
     def probabilities(self, flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """(rows, 2) class probabilities; NaN for rows without tokens."""
