@@ -49,6 +49,11 @@ def train_fn_per_worker(config: dict) -> None:
         if ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
     set_dropout(model, cfg.dropout)
+    # Fused SDPA attention is transformers' default for BERT; a model type without it falls back to eager,
+    # which is slower: recorded in every epoch's metrics, and said once.
+    attention = model.config._attn_implementation
+    if attention != "sdpa" and rank == 0:
+        print(f"[raysst] {cfg.model} runs {attention} attention, not SDPA: expect slower steps", flush=True)
     tokenizer = load_tokenizer(model_path)  # saved with each checkpoint; the data arrive tokenized
     n_params = count_parameters(model)
     # A fake GPU is only a resource label: Train's get_device would name cuda:0, which CPU torch cannot use.
@@ -135,7 +140,7 @@ def train_fn_per_worker(config: dict) -> None:
             "train_samples": int(samples), "flops": 6 * n_params * tokens,
             "train_steps": step, "schedule_steps_per_epoch": steps_per_epoch, "start_epoch": start_epoch, "run_id": run_id,
             # Read here, on a worker: the driver may sit on a CPU head node while the workers hold the GPUs.
-            "workers": world, "per_worker_batch_size": per_worker,
+            "workers": world, "per_worker_batch_size": per_worker, "attention": attention,
             "global_batch_size": per_worker * world * cfg.grad_accum_steps, "hardware": describe_device(device_info()),
         })
         if rank == 0:

@@ -49,6 +49,7 @@ def test_two_worker_run_checkpoints_and_metrics(trained):
         assert row["eval_samples"] == 101  # every validation row counted once over the 2 workers
         assert row["train_samples"] == 800 and row["train_samples_per_second"] > 0
         assert row["train_tokens_per_second"] > row["train_samples_per_second"]
+        assert row["attention"] == "sdpa"  # fused attention, not assumed
     assert metrics["config"]["num_workers"] == 2
     card = (model_dir / "README.md").read_text()
     assert "| Epoch | Training Loss | Validation Loss | Accuracy |" in card
