@@ -124,6 +124,8 @@ def to_ray_datasets(train: pd.DataFrame, validation: pd.DataFrame, model: str, m
     stage = {"fn_kwargs": {"tokenizer_json": load_tokenizer(model).backend_tokenizer.to_str(),
                            "max_length": max_length}, "batch_format": "pyarrow", "batch_size": 4096}
     validation = validation.assign(row=np.arange(len(validation)))
+    # Sorted by length: a validation batch pads to its longest row, and in file order that is twice the mean.
+    validation = validation.iloc[np.argsort(validation["sentence"].str.len().to_numpy(), kind="stable")]
     train_ds = ray.data.from_pandas([train.iloc[part] for part in
                                      np.array_split(np.arange(len(train)), min(num_blocks, len(train)))])
     return {"train": train_ds.map_batches(tokenize_rows, **stage).materialize(),

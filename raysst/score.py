@@ -86,7 +86,8 @@ def score_driver_fn(cfg: Config) -> dict:
               f"{len(todo)} to go", flush=True)
     plan_s = time.perf_counter() - t0
     init_ray()
-    cfg = cfg.replace(num_actors=model_actors(cfg))
+    # An actor without a chunk would only load the model: a small input (an evaluation set) starts fewer.
+    cfg = cfg.replace(num_actors=min(model_actors(cfg), max(1, len(todo))))
     # Ray Data would wait without end for actors that find no room: fail now, or wait for the autoscaler.
     wait_for_capacity({"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}, cfg.num_actors,
                       "scoring", "Lower --num-workers or --cpus-per-worker" + (", or drop --use-gpu" * cfg.use_gpu),

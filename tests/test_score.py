@@ -364,14 +364,16 @@ def test_job_command_line_end_to_end(tmp_path, scoring_model, sst2_small):
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}  # its own Ray, not the test's
     proc = subprocess.run([sys.executable, "jobs/score.py", "--model", scoring_model, "--input",
                            str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--batch-size", "16",
-                           "--id-column", "idx"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+                           "--id-column", "idx", "--chunk-rows", "40"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[raysst] score: 101 rows in" in proc.stdout
     out = read_scored(str(tmp_path / "out"))
     assert len(out) == 101 and out.idx.tolist() == list(range(101)) and out.status.eq("ok").all()
     summary = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
     assert summary["rows_out"] == 101
-    # No sizing flags: one single-threaded actor per CPU of the job's own local Ray (all of this machine's cores).
+    # No sizing flags: one single-threaded actor per CPU of the job's own local Ray (all of this machine's cores;
+    # its 3 chunks are more than the CPUs here).
     hw = summary["hardware"]
     assert hw["model_actors"] == hw["cluster"]["CPU"] == os.cpu_count() and hw["cpus_per_actor"] == 1
     assert sum(hw["rows_by_actor_device"].values()) == 101
