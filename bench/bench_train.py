@@ -3,6 +3,7 @@
     python bench/bench_train.py vs-hf  [--samples 20000] [--grouped-only] [--precision bf16]  # vs the HF Trainer
     python bench/bench_train.py whole  [--samples 20000]  # jobs/train.py vs an HF Trainer script, whole processes
     python bench/bench_train.py ceiling [--samples 20000] # tiny BERT: the input path's samples/s per worker
+    python bench/bench_train.py compile [--precision bf16] # MiniLM step: eager vs torch.compile(dynamic=True)
     python bench/bench_train.py local                     # configs/local.yaml: wall time, accuracy
     python bench/bench_train.py full                      # MiniLM, full SST-2, 1 epoch: accuracy, samples/s
     python bench/bench_train.py gpu   [--batch-size 128]  # bert-base-shaped model, bf16, one GPU: samples/s
@@ -159,6 +160,49 @@ def ceiling(samples: int) -> dict:
             "batches_only_samples_per_second": data_only}
 
 
+def compile_step(precision: str, steps: int = 64) -> dict:
+    """What `torch.compile(dynamic=True)` would buy the training step: MiniLM, one pool of length-grouped
+    SST-2 batches (local.yaml's batch and threads), eager then compiled, each on a fresh model and AdamW.
+    Compile time is the first steps' excess; the speed ratio is over the same later steps."""
+    import numpy as np
+    import torch
+
+    from raysst.data import length_grouped_batches, rust_tokenizer
+    from raysst.models import load_classifier, load_tokenizer, resolve_model
+
+    cfg = load_config(LOCAL_CONFIG, data=SST2)
+    torch.set_num_threads(cfg.cpus_per_worker)
+    path = resolve_model(cfg.model)
+    train, _ = load_sst2(SST2, cfg.batch_size * steps, cfg.seed)
+    tok = rust_tokenizer(load_tokenizer(path).backend_tokenizer.to_str(), cfg.max_seq_length)
+    ids = np.empty(len(train), object)
+    ids[:] = [np.array(e.ids) for e in tok.encode_batch_fast(train.sentence.tolist())]
+    batches = list(length_grouped_batches(ids, train.label.to_numpy(), 0, cfg.batch_size, np.random.default_rng(0)))
+
+    def step_seconds(compiled: bool) -> list:
+        model = load_classifier(path).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
+        forward = torch.compile(model, dynamic=True) if compiled else model
+        took = []
+        for batch in batches:
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = forward(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            took.append(time.perf_counter() - t)
+        return took
+
+    eager, compiled = step_seconds(False), step_seconds(True)
+    later = slice(8, None)  # past the compiled model's recompiles for its first shapes
+    return {"bench": "torch.compile(dynamic=True) vs eager, MiniLM training step", "precision": precision,
+            "steps": len(batches), "batch_size": cfg.batch_size, "threads": cfg.cpus_per_worker,
+            "eager_seconds_later_steps": sum(eager[later]), "compiled_seconds_later_steps": sum(compiled[later]),
+            "speedup_later_steps": sum(eager[later]) / sum(compiled[later]),
+            "compile_seconds": sum(compiled[:8]) - sum(eager[:8])}
+
+
 def local() -> dict:
     with tempfile.TemporaryDirectory() as storage:
         m = run_ours(storage)
@@ -201,12 +245,12 @@ def gpu(batch_size: int, model: Optional[str] = None, data: str = SST2, samples:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["vs-hf", "whole", "ceiling", "local", "full", "gpu", "hf-process"])
+    parser.add_argument("part", choices=["vs-hf", "whole", "ceiling", "compile", "local", "full", "gpu", "hf-process"])
     parser.add_argument("--samples", type=int, help="vs-hf, whole, ceiling: training slice (default 20000); "
                                                     "gpu: 0 = all (default)")
     parser.add_argument("--grouped-only", action="store_true", help="vs-hf: skip the HF Trainer's random sampling")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="vs-hf: both trainers' precision (bf16: CPU autocast, HF's bf16=True)")
+                        help="vs-hf, compile: the precision (bf16: CPU autocast, HF's bf16=True)")
     parser.add_argument("--out", help="hf-process: save the HF Trainer's model here; whole: keep our run here")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--model", help="gpu: this model directory instead of a fresh random bert-base")
@@ -215,6 +259,7 @@ if __name__ == "__main__":
     a = parser.parse_args()
     result = {"vs-hf": lambda: vs_hf(a.samples or 20000, a.grouped_only, a.precision),
               "whole": lambda: whole(a.samples or 20000, a.out), "ceiling": lambda: ceiling(a.samples or 20000),
+              "compile": lambda: compile_step(a.precision),
               "hf-process": lambda: run_hf_trainer(a.samples or 20000, "group_by_length", a.out),
               "local": local, "full": full,
               "gpu": lambda: gpu(a.batch_size, a.model, a.data, a.samples or 0, a.device)}[a.part]()
