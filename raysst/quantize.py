@@ -137,10 +137,11 @@ def quantize_int8(model: torch.nn.Module, calibration: list[dict]) -> torch.nn.M
         warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
         for name in names:
             linear = model.get_submodule(name)
-            smoothed = name in scale and name not in divided
+            # A BERT feed-forward output reads the intermediate activation, which nothing else reads: dividing
+            # it in place saves allocating one of the largest tensors (about 4% of int8's time).
+            ffn_output = name.endswith(".output.dense") and name[:-len("output.dense")] + "intermediate.dense" in names
             layer = SmoothedInt8Linear(linear, scale.get(name, torch.ones(linear.in_features)), full_range,
-                                       divide=smoothed)
+                                       divide=name in scale and name not in divided, in_place=ffn_output)
             parent, _, child = name.rpartition(".")
-            layer.in_place = name.endswith(".output.dense") and ".attention." not in name
             setattr(model.get_submodule(parent), child, layer)
     return model

@@ -94,9 +94,11 @@ def score_driver_fn(cfg: Config) -> dict:
                       cfg.wait_for_nodes)
     check_plan_file(output, cfg.chunk_rows)  # the first write: a job that cannot run leaves nothing behind
     remove_temporaries(output)
-    calibration = calibration_texts(output, todo) if cfg.precision == "int8" and todo else []
-    pipeline = build_pipeline(todo, cfg, model, output, calibration) if todo else None
-    scored = _run(pipeline, todo, per_file, skipped, cfg.on_bad_file == "fail", t0) if todo else Counter()
+    scored = Counter()
+    if todo:
+        calibration = calibration_texts(output, todo) if cfg.precision == "int8" else []
+        scored = _run(build_pipeline(todo, cfg, model, output, calibration), todo, per_file, skipped,
+                      cfg.on_bad_file == "fail", t0)
     remove_temporaries(output)  # an actor lost mid-write (its node gone) leaves one; its chunk was redone
     failed = {s.pop("rel") for s in skipped if "rel" in s}
     if failed:  # a file found unreadable part-way keeps no parts: its rows are all or nothing

@@ -55,7 +55,8 @@ class ChunkScorer:
             raise ValueError(f"{model}: scoring needs a fast (Rust) tokenizer; this model has a Python one only")
         self.backend = rust_tokenizer(tokenizer.backend_tokenizer.to_str(), max_length)
         self.pad_id = tokenizer.pad_token_id or 0
-        self.model = load_for_inference(model, use_gpu, precision, self.batches(list(calibration), batch_size))
+        calibration_inputs = self.calibration_batches(list(calibration), batch_size)
+        self.model = load_for_inference(model, use_gpu, precision, calibration_inputs)
         self.batch_size, self.output = batch_size, output
         self.model_lock = threading.Lock()
         # The driver may run on a CPU head node: what scored the rows is told by the actor itself.
@@ -99,8 +100,8 @@ class ChunkScorer:
             flat.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int64))
         return (np.concatenate(flat) if flat else np.zeros(0, np.int64)), lengths, status
 
-    def batches(self, texts: list, batch_size: int) -> list[dict]:
-        """Model inputs for `texts`, grouped by length (int8 calibration)."""
+    def calibration_batches(self, texts: list, batch_size: int) -> list[dict]:
+        """Model inputs for int8's calibration texts, grouped by length (none for other precisions)."""
         ids = sorted((np.array(e.ids) for e in self.backend.encode_batch_fast(texts)), key=len)
         return [model_inputs(ids[i:i + batch_size], self.pad_id) for i in range(0, len(ids), batch_size)]
 
