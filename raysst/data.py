@@ -14,7 +14,6 @@ from typing import Iterator, Optional
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
 
 from raysst.corpus import FORMATS as READERS, read_file
 from raysst.formats import TEXT_COLUMNS, DataError, InputFile, find_text_column
@@ -121,15 +120,17 @@ def to_ray_datasets(train: pd.DataFrame, validation: pd.DataFrame, model: str, m
     from raysst.models import load_tokenizer
 
     # The tokenizer travels as its JSON (no files needed on the node that tokenizes).
-    stage = {"fn_kwargs": {"tokenizer_json": load_tokenizer(model).backend_tokenizer.to_str(),
-                           "max_length": max_length}, "batch_format": "pyarrow", "batch_size": 4096}
+    tokenize = {"tokenizer_json": load_tokenizer(model).backend_tokenizer.to_str(), "max_length": max_length}
+    stage = {"batch_format": "pyarrow", "batch_size": 4096}
     validation = validation.assign(row=np.arange(len(validation)))
     # Sorted by length: a validation batch pads to its longest row, and in file order that is twice the mean.
     validation = validation.iloc[np.argsort(validation["sentence"].str.len().to_numpy(), kind="stable")]
     train_ds = ray.data.from_pandas([train.iloc[part] for part in
                                      np.array_split(np.arange(len(train)), min(num_blocks, len(train)))])
-    return {"train": train_ds.map_batches(tokenize_rows, **stage).materialize(),
-            "validation": ray.data.from_pandas(validation).map_batches(tokenize_rows, **stage).materialize()}
+    validation_ds = ray.data.from_pandas(validation).map_batches(
+        tokenize_rows, fn_kwargs={**tokenize, "mark_truncated": True}, **stage)  # the report counts them
+    return {"train": train_ds.map_batches(tokenize_rows, fn_kwargs=tokenize, **stage).materialize(),
+            "validation": validation_ds.materialize()}
 
 
 @functools.lru_cache(maxsize=4)
@@ -144,12 +145,16 @@ def rust_tokenizer(tokenizer_json: str, max_length: int):
     return tokenizer
 
 
-def tokenize_rows(batch: pa.Table, tokenizer_json: str, max_length: int) -> pa.Table:
+def tokenize_rows(batch: pa.Table, tokenizer_json: str, max_length: int, mark_truncated: bool = False) -> pa.Table:
     """Ray Data stage: the `sentence` column becomes `input_ids` (a list of int32 per row, special tokens
-    included), the same ids as `tokenizer(texts, truncation=True, max_length=max_length)`."""
+    included), the same ids as `tokenizer(texts, truncation=True, max_length=max_length)`; with
+    `mark_truncated`, also a `truncated` column: the rows cut at `max_length`."""
     encodings = rust_tokenizer(tokenizer_json, max_length).encode_batch_fast(batch.column("sentence").to_pylist())
     ids = pa.array([e.ids for e in encodings], pa.list_(pa.int32()))
-    return batch.drop_columns(["sentence"]).append_column("input_ids", ids)
+    batch = batch.drop_columns(["sentence"]).append_column("input_ids", ids)
+    if mark_truncated:
+        batch = batch.append_column("truncated", pa.array([bool(e.overflowing) for e in encodings]))
+    return batch
 
 
 def pad_ids(seqs, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +168,8 @@ def pad_ids(seqs, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 def model_inputs(seqs, pad_id: int, labels=None) -> dict:
     """A padded batch as the model's tensors (`labels` too where given)."""
+    import torch  # here, not at the top: the tokenizing stage's Ray workers need none of it
+
     ids, mask = pad_ids(seqs, pad_id)
     batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
     if labels is not None:

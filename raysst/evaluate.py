@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,8 +20,8 @@ import pandas as pd
 from raysst.config import LABEL_NAMES, Config
 from raysst.formats import DataError, find_text_column
 from raysst.data import normalize_labels
-from raysst.report import CURVES, FIGURES, card_section, report_markdown, with_card_section, write_comparison
-from raysst.storage import local_dir, read_text, write_text
+from raysst.report import FIGURES, report_markdown, write_comparison
+from raysst.storage import local_dir
 from raysst.score_workers import OUTPUT_COLUMNS
 
 N_BINS = 10
@@ -222,35 +222,3 @@ def require_label_column(spec: str, label_column: str) -> None:
         columns = file_columns(f)[0]
         if label_column not in columns:
             raise DataError(f"{f.path}: no label column {label_column!r}; columns are {columns}")
-
-
-def training_report(model_dir: str, validation: Union[pd.DataFrame, str], history: Optional[list] = None,
-                    cfg: Optional[Config] = None, update_card: bool = True) -> str:
-    """Evaluate an exported model on its validation set into `<model_dir>/eval/`, draw the training curves.
-
-    `validation` is a (sentence, label) frame or a labeled data path; `history` defaults to the
-    `epochs` of `<model_dir>/metrics.json`. Returns the model card section, which is also inserted
-    into `<model_dir>/README.md` unless `update_card` is False.
-    """
-    from raysst.plots import plot_training_curves
-
-    cfg = cfg or Config()
-    eval_dir = posixpath.join(model_dir, "eval")
-    with scored_dir_for(eval_dir, "") as scored, tempfile.TemporaryDirectory() as tmp:
-        data = validation
-        if isinstance(validation, pd.DataFrame):
-            # The scorer reads files. Next to a local model the rows stay on record (and on its shared disk).
-            data = str(Path(tmp if "://" in eval_dir else eval_dir, "validation.parquet"))
-            Path(data).parent.mkdir(parents=True, exist_ok=True)
-            validation.to_parquet(data, index=False)
-            cfg = cfg.replace(label_column="label", text_column=None)  # the (sentence, label) of check_frame
-        report = evaluate_model(cfg.replace(model=model_dir, input=data), eval_dir, scored)
-    if history is None:
-        history = json.loads(read_text(posixpath.join(model_dir, "metrics.json")))["epochs"]
-    with local_dir(eval_dir) as out:
-        plot_training_curves(history, out / CURVES, cfg.name)
-    section = card_section(report, "eval")
-    if update_card:
-        card_path = posixpath.join(model_dir, "README.md")
-        write_text(card_path, with_card_section(read_text(card_path), section))
-    return section

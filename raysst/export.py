@@ -1,17 +1,25 @@
-"""Turn a training checkpoint into a Hugging Face model directory with metrics and a model card."""
+"""Turn a training checkpoint into a Hugging Face model directory with metrics, a model card and an evaluation
+report."""
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
+
+import numpy as np
+import pandas as pd
 
 from raysst.config import Config
+from raysst.evaluate import compute_report, evaluate_model, scored_dir_for, write_report
 from raysst.models import precision_name
-from raysst.storage import HISTORY_FILE, STATE_FILE, copy_to
+from raysst.report import CURVES, card_section, with_card_section
+from raysst.storage import (HISTORY_FILE, PREDICTIONS_FILE, STATE_FILE, copy_to, filesystem, local_dir, read_text,
+                            write_text)
 
 
 def export_run(result, cfg: Config, dest: Optional[str] = None) -> str:
@@ -30,7 +38,10 @@ def export_checkpoint(checkpoint, history: list, cfg: Config, dest: str) -> str:
     """Write the checkpoint's weights and tokenizer, `metrics.json` and `README.md` to `dest`."""
     with tempfile.TemporaryDirectory() as tmp, checkpoint.as_directory() as src:
         out = Path(tmp) / "model"
-        shutil.copytree(src, out, ignore=shutil.ignore_patterns(STATE_FILE, HISTORY_FILE))
+        shutil.copytree(src, out, ignore=shutil.ignore_patterns(STATE_FILE, HISTORY_FILE, PREDICTIONS_FILE))
+        if (Path(src) / PREDICTIONS_FILE).exists():  # the evaluation report is made of them (training_report)
+            (out / "eval").mkdir()
+            shutil.copy(Path(src) / PREDICTIONS_FILE, out / "eval" / PREDICTIONS_FILE)
         best = max(history, key=lambda row: row["accuracy"])
         metrics = {
             "epochs": history,
@@ -127,3 +138,72 @@ def _split(workers_per_epoch: list, cfg: Config) -> str:
 
 def _mean(rows: list, key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
+
+
+def training_report(model_dir: str, validation: Union[pd.DataFrame, str], history: Optional[list] = None,
+                    cfg: Optional[Config] = None, update_card: bool = True) -> str:
+    """Evaluate an exported model on its validation set into `<model_dir>/eval/`, draw the training curves.
+
+    `validation` is a (sentence, label) frame or a labeled data path; `history` defaults to the
+    `epochs` of `<model_dir>/metrics.json`. A model that `jobs/train.py` exported carries its epoch's own
+    validation predictions (`eval/validation_prob_positive.npy`, from the workers' validation pass): the
+    report on that frame is made of them, the very figures of the card, with no second scoring pass.
+    Otherwise the batch scorer scores `validation`. Returns the model card section, which is also inserted
+    into `<model_dir>/README.md` unless `update_card` is False.
+    """
+    from raysst.plots import plot_training_curves
+
+    cfg = cfg or Config()
+    eval_dir = posixpath.join(model_dir, "eval")
+    if history is None:
+        history = json.loads(read_text(posixpath.join(model_dir, "metrics.json")))["epochs"]
+    prob = training_predictions(eval_dir, validation)
+    if prob is not None:
+        report = report_from_training(model_dir, validation, prob, history)
+    else:
+        with scored_dir_for(eval_dir, "") as scored, tempfile.TemporaryDirectory() as tmp:
+            data = validation
+            if isinstance(validation, pd.DataFrame):
+                # The scorer reads files. Next to a local model the rows stay on record (and on its shared disk).
+                data = str(Path(tmp if "://" in eval_dir else eval_dir, "validation.parquet"))
+                Path(data).parent.mkdir(parents=True, exist_ok=True)
+                validation.to_parquet(data, index=False)
+                cfg = cfg.replace(label_column="label", text_column=None)  # the (sentence, label) of check_frame
+            report = evaluate_model(cfg.replace(model=model_dir, input=data), eval_dir, scored)
+    with local_dir(eval_dir) as out:
+        plot_training_curves(history, out / CURVES, cfg.name)
+    section = card_section(report, "eval")
+    if update_card:
+        card_path = posixpath.join(model_dir, "README.md")
+        write_text(card_path, with_card_section(read_text(card_path), section))
+    return section
+
+
+def training_predictions(eval_dir: str, validation: Union[pd.DataFrame, str]) -> Optional[np.ndarray]:
+    """The exported epoch's validation probabilities, where they are there and are one per row of `validation`."""
+    path = posixpath.join(eval_dir, PREDICTIONS_FILE)
+    fs, p = filesystem(path)
+    if not isinstance(validation, pd.DataFrame) or fs.get_file_info(p).type.name != "File":
+        return None
+    with fs.open_input_file(p) as f:
+        prob = np.load(io.BytesIO(f.read()))
+    return prob if len(prob) == len(validation) else None
+
+
+def report_from_training(model_dir: str, validation: pd.DataFrame, prob: np.ndarray, history: list) -> dict:
+    """The report of `validation` (sentence, label) from the training run's own predictions; the rows and
+    their probabilities stay on record as `eval/validation.parquet`."""
+    best = max(history, key=lambda row: row["accuracy"])  # the epoch export_run keeps
+    eval_dir = posixpath.join(model_dir, "eval")
+    report = {"model": model_dir, "data": posixpath.join(eval_dir, "validation.parquet"), "label_column": "label",
+              "precision": best.get("precision", "float32"),
+              **compute_report(validation["sentence"], validation["label"], prob, "validation"),
+              "rows": {"total": len(prob), "evaluated": len(prob), "not_scored": {},
+                       "truncated": best.get("eval_truncated", 0)},
+              "scoring": {"source": f"the training workers' validation pass of epoch {best['epoch']}"}}
+    with local_dir(eval_dir) as out:
+        validation.assign(prob_positive=prob).to_parquet(out / "validation.parquet", index=False)
+    write_report(report, eval_dir)
+    print(f"[raysst] {model_dir}: accuracy {report['accuracy']:.4f} on {report['n']} rows (epoch {best['epoch']}'s "
+          f"own validation predictions); report in {eval_dir}", flush=True)
+    return report

@@ -17,7 +17,7 @@ import torch
 
 from raysst.capacity import check_fits, lower_hint, timed_out, wait_for_capacity, worker_resources
 from raysst.config import TRAIN, Config, check_job
-from raysst.storage import HISTORY_FILE, STATE_FILE
+from raysst.storage import HISTORY_FILE, PREDICTIONS_FILE, STATE_FILE
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train V2's placement-group wait
 RUN = "the run"  # how errors name one training run
@@ -127,7 +127,7 @@ def train_fn_per_worker(config: dict) -> None:
                       f"lr {scheduler.get_last_lr()[0]:.2e} samples/s {rate:.1f}", flush=True)
         train_time = time.perf_counter() - t0
 
-        val = evaluate_shard(model, val_shard, pad_id, cfg, rank, world, device, autocast)
+        val, prob_positive = evaluate_shard(model, val_shard, pad_id, cfg, rank, world, device, autocast)
         totals = torch.stack([torch.tensor(samples, dtype=torch.float64, device=device),
                               torch.tensor(tokens, dtype=torch.float64, device=device), loss_sum])
         if dist.is_initialized():
@@ -141,13 +141,14 @@ def train_fn_per_worker(config: dict) -> None:
             "train_steps": step, "schedule_steps_per_epoch": steps_per_epoch, "start_epoch": start_epoch, "run_id": run_id,
             # Read here, on a worker: the driver may sit on a CPU head node while the workers hold the GPUs.
             "workers": world, "per_worker_batch_size": per_worker, "attention": attention,
+            "precision": str(dtype or torch.float32).removeprefix("torch."),
             "global_batch_size": per_worker * world * cfg.grad_accum_steps, "hardware": describe_device(device_info()),
         })
         if rank == 0:
             tracker.log(history[-1], epoch * steps_per_epoch, "epoch/")
             print(f"[raysst] epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items()
                                                         if isinstance(v, float)), flush=True)
-        _report(history, epoch, steps_per_epoch, model, tokenizer, optimizer, scheduler, scaler, rank)
+        _report(history, prob_positive, epoch, steps_per_epoch, model, tokenizer, optimizer, scheduler, scaler, rank)
     tracker.close()
 
 
@@ -196,13 +197,16 @@ def as_rows(column) -> np.ndarray:
 
 
 @torch.inference_mode()
-def evaluate_shard(model, val_shard, pad_id: int, cfg: Config, rank: int, world: int, device, autocast) -> dict:
-    """Validation over the whole set, each row counted by exactly one worker, summed over all."""
+def evaluate_shard(model, val_shard, pad_id: int, cfg: Config, rank: int, world: int, device,
+                   autocast) -> tuple[dict, np.ndarray]:
+    """Validation over the whole set, each row counted by exactly one worker, summed over all; and every
+    row's probability of `positive`, in file order (what the evaluation report is made of)."""
     import torch.distributed as dist
     from raysst.data import model_inputs
 
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # examples, correct, summed loss
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # examples, correct, summed loss, truncated
+    rows, probs = [], []
     for b in val_shard.iter_batches(batch_size=cfg.eval_batch_size, batch_format="numpy"):
         mine = b["row"] % world == rank
         if not mine.any():
@@ -212,15 +216,26 @@ def evaluate_shard(model, val_shard, pad_id: int, cfg: Config, rank: int, world:
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
         totals += torch.stack([torch.tensor(len(logits), device=device, dtype=torch.float64),
-                               (logits.argmax(-1) == batch["labels"]).sum().double(), loss.double()])
+                               (logits.argmax(-1) == batch["labels"]).sum().double(), loss.double(),
+                               torch.tensor(b["truncated"][mine].sum(), device=device, dtype=torch.float64)])
+        rows.append(torch.as_tensor(b["row"][mine], device=device))
+        probs.append(logits.softmax(-1)[:, 1])
     if dist.is_initialized():
         dist.all_reduce(totals)
-    n, correct, loss_sum = totals.tolist()
-    return {"eval_loss": loss_sum / n, "accuracy": correct / n, "eval_samples": int(n)}
+    n, correct, loss_sum, truncated = totals.tolist()
+    # Each worker writes its rows into a zero vector; the sum holds every row once.
+    prob_positive = torch.zeros(int(n), dtype=torch.float32, device=device)
+    if rows:
+        prob_positive[torch.cat(rows)] = torch.cat(probs)
+    if dist.is_initialized():
+        dist.all_reduce(prob_positive)
+    return ({"eval_loss": loss_sum / n, "accuracy": correct / n, "eval_samples": int(n),
+             "eval_truncated": int(truncated)}, prob_positive.cpu().numpy())
 
 
-def _report(history, epoch, steps_per_epoch, model, tokenizer, optimizer, scheduler, scaler, rank) -> None:
-    """Report the epoch's metrics to Ray Train; rank 0 attaches the checkpoint."""
+def _report(history, prob_positive, epoch, steps_per_epoch, model, tokenizer, optimizer, scheduler, scaler,
+            rank) -> None:
+    """Report the epoch's metrics to Ray Train; rank 0 attaches the checkpoint, with the validation predictions."""
     import ray.train
 
     metrics = dict(history[-1])
@@ -235,6 +250,7 @@ def _report(history, epoch, steps_per_epoch, model, tokenizer, optimizer, schedu
                     "scaler": scaler.state_dict(), "epoch": epoch, "steps_per_epoch": steps_per_epoch,
                     "history": history}, Path(tmp) / STATE_FILE)
         (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history, indent=2))
+        np.save(Path(tmp) / PREDICTIONS_FILE, prob_positive)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
 
@@ -315,8 +331,7 @@ def even_rows(train, cfg: Config):
 def train_driver_fn(cfg: Config) -> str:
     """Load data, run the trainer (resuming a run of the same name), export the best model."""
     from raysst.data import load_sst2, to_ray_datasets
-    from raysst.evaluate import training_report
-    from raysst.export import export_run
+    from raysst.export import export_run, training_report
     from raysst.runtime import init_ray
     from raysst.tracking import require_mlflow
 

@@ -137,6 +137,9 @@ def test_pretokenized_epochs_hold_the_tokens_of_their_sentences(tiny_model, sst2
     assert [list(x) for x in val.input_ids] == tok(validation.sentence[val.row].tolist(), truncation=True,
                                                     max_length=cfg.max_seq_length)["input_ids"]
     assert val.row.map(validation.sentence.str.len()).is_monotonic_increasing
+    # The rows cut at max_seq_length are marked, for the evaluation report's count.
+    full = tok(validation.sentence[val.row].tolist())["input_ids"]
+    assert val.truncated.tolist() == [len(ids) > cfg.max_seq_length for ids in full] and val.truncated.any()
 
 
 def test_config_file_then_flags(tmp_path):

@@ -324,8 +324,7 @@ def test_evaluate_in_int8_states_its_precision(ray_local, trained_model, sst2_sm
 
 @pytest.mark.timeout(180)
 def test_training_report_into_model_dir(ray_local, trained_model, sst2_small, tmp_path):
-    from raysst.evaluate import training_report
-    from raysst.export import model_card
+    from raysst.export import model_card, training_report
 
     model_dir = tmp_path / "run" / "model"
     shutil.copytree(trained_model, model_dir)

@@ -125,6 +125,9 @@ def test_bf16_on_cpu_trains_under_autocast_and_exports_fp32_weights(ray_local, t
     assert 0 < metrics["epochs"][0]["train_loss"] < 10 and metrics["epochs"][0]["train_samples"] == 800
     assert "- precision: bfloat16;" in (model_dir / "README.md").read_text()
     assert {t.dtype for t in load_file(str(model_dir / "model.safetensors")).values()} == {torch.float32}
+    # The report holds the bf16 validation pass itself: the card's accuracy, not an fp32 rescoring's.
+    report = json.loads((model_dir / "eval" / "report.json").read_text())
+    assert report["precision"] == "bfloat16" and report["accuracy"] == metrics["accuracy"]
 
 
 def test_reported_accuracy_equals_recomputed(trained, sst2_small):
@@ -134,8 +137,18 @@ def test_reported_accuracy_equals_recomputed(trained, sst2_small):
     model, tok = load_classifier(str(model_dir)).eval(), load_tokenizer(str(model_dir))
     with torch.inference_mode():
         batch = collate(tok, val["sentence"], cfg.max_seq_length)
-        predictions = model(**batch).logits.argmax(-1).numpy()
+        probs = model(**batch).logits.softmax(-1).numpy()
+    predictions = probs.argmax(-1)
     assert metrics["accuracy"] == pytest.approx((predictions == val["label"].to_numpy()).mean(), abs=1e-12)
+    # The evaluation report is made of the workers' own validation predictions (2 workers, rows interleaved):
+    # row for row those of the exported model, and the card's accuracy to the last digit.
+    report = json.loads((model_dir / "eval" / "report.json").read_text())
+    assert report["scoring"]["source"].startswith("the training workers' validation pass")
+    assert report["accuracy"] == metrics["accuracy"] and report["precision"] == "float32"
+    assert report["rows"] == {"total": 101, "evaluated": 101, "not_scored": {}, "truncated": 0}
+    on_record = pd.read_parquet(model_dir / "eval" / "validation.parquet")
+    assert on_record.sentence.tolist() == val.sentence.tolist()
+    assert on_record.prob_positive.to_numpy() == pytest.approx(probs[:, 1], abs=1e-5)
 
 
 def _run_train_job(args: list, **popen) -> subprocess.Popen:
