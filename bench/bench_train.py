@@ -157,6 +157,9 @@ def ceiling(samples: int) -> dict:
     return {"bench": "input-path ceiling, 1 worker, tiny BERT (hidden 64, 2 layers)", "samples": samples,
             "batch_size": cfg.batch_size, "threads": cfg.cpus_per_worker,
             "train_samples_per_second_by_epoch": [row["train_samples_per_second"] for row in m["epochs"]],
+            # Inside the worker: the seconds the loop waited for its batches (streaming split included).
+            "input_path_samples_per_second_by_epoch": [row["input_samples_per_second_per_worker"]
+                                                       for row in m["epochs"]],
             "batches_only_samples_per_second": data_only}
 
 

@@ -10,7 +10,7 @@ import time
 import uuid
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -94,10 +94,10 @@ def train_fn_per_worker(config: dict) -> None:
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
-        samples, tokens, micro, step = 0, 0, 0, 0
+        samples, tokens, micro, step, waited = 0, 0, 0, 0, [0.0]
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no host sync per step
         t0 = time.perf_counter()
-        for batch in epoch_batches(train_shard, cfg, per_worker, epoch, rank, pad_id):
+        for batch in timed(epoch_batches(train_shard, cfg, per_worker, epoch, rank, pad_id), waited):
             n = len(batch["labels"])
             samples, tokens = samples + n, tokens + int(batch["attention_mask"].sum())  # host tensors: no sync
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -133,10 +133,14 @@ def train_fn_per_worker(config: dict) -> None:
         if dist.is_initialized():
             dist.all_reduce(totals)
         samples, tokens, loss_sum = totals.tolist()
+        # Rank 0's own time in the input path (shard, pooling, grouping, padding): the rate it could feed
+        # steps at, which a GPU step must not outrun.
+        input_rate = samples / world / waited[0] if waited[0] else float("inf")
         history.append({
             "epoch": epoch, "train_loss": loss_sum / samples, **val,
             "train_samples_per_second": samples / train_time, "train_tokens_per_second": tokens / train_time,
             "train_steps_per_second": step / train_time, "train_seconds": train_time,
+            "input_seconds": waited[0], "input_samples_per_second_per_worker": input_rate,
             "train_samples": int(samples), "flops": 6 * n_params * tokens,
             "train_steps": step, "schedule_steps_per_epoch": steps_per_epoch, "start_epoch": start_epoch, "run_id": run_id,
             # Read here, on a worker: the driver may sit on a CPU head node while the workers hold the GPUs.
@@ -186,6 +190,18 @@ def epoch_batches(train_shard, cfg: Config, per_worker: int, epoch: int, rank: i
         ids, labels = ids[whole:], labels[whole:]
     if len(ids):
         yield from length_grouped_batches(ids, labels, pad_id, per_worker, rng, cfg.group_by_length)
+
+
+def timed(batches: Iterator, waited: list) -> Iterator:
+    """`batches`, adding the seconds spent waiting for each to `waited[0]`."""
+    batches = iter(batches)
+    while True:
+        t = time.perf_counter()
+        batch = next(batches, None)
+        waited[0] += time.perf_counter() - t
+        if batch is None:
+            return
+        yield batch
 
 
 def as_rows(column) -> np.ndarray:

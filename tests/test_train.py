@@ -50,6 +50,8 @@ def test_two_worker_run_checkpoints_and_metrics(trained):
         assert row["train_samples"] == 800 and row["train_samples_per_second"] > 0
         assert row["train_tokens_per_second"] > row["train_samples_per_second"]
         assert row["attention"] == "sdpa"  # fused attention, not assumed
+        assert 0 < row["input_seconds"] < row["train_seconds"]  # the loop's wait for batches, within the epoch
+        assert row["input_samples_per_second_per_worker"] > row["train_samples_per_second"] / 2
     assert metrics["config"]["num_workers"] == 2
     card = (model_dir / "README.md").read_text()
     assert "| Epoch | Training Loss | Validation Loss | Accuracy |" in card
