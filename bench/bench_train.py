@@ -24,7 +24,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from raysst.config import PACKAGED_MINILM, load_config  # noqa: E402
+from raysst.config import PACKAGED_MINILM  # noqa: E402
+from raysst.cli import load_config  # noqa: E402
 from raysst.data import load_sst2  # noqa: E402
 
 SST2 = str((ROOT.parent / "shared" / "data" / "sst2").resolve())
@@ -141,7 +142,7 @@ def ceiling(samples: int) -> dict:
     batches iterated with no model at all."""
     from raysst.data import to_ray_datasets
     from raysst.models import make_random_model
-    from raysst.train import epoch_batches
+    from raysst.train_worker import epoch_batches
 
     with tempfile.TemporaryDirectory() as d:
         model = make_random_model(str(Path(d) / "tiny64"), hidden_size=64, num_hidden_layers=2,

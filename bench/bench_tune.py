@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from raysst.config import TUNE, parse_config  # noqa: E402
+from raysst.config import TUNE  # noqa: E402
+from raysst.cli import parse_config  # noqa: E402
 from raysst.runtime import init_ray  # noqa: E402
 from raysst.train import train_driver_fn  # noqa: E402
 from raysst.tune import tune_driver_fn  # noqa: E402

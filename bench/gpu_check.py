@@ -95,7 +95,7 @@ def write_smoke_data(data: str, directory: Path) -> str:
 
 def score_step(model: str, corpus: str, output: str, batch_size: int, on_gpu: bool) -> dict:
     """The scoring step (in its own process): raysst.score over the corpus, one model actor."""
-    from raysst.config import load_config
+    from raysst.cli import load_config
     from raysst.score import score_driver_fn
 
     cfg = load_config(None, model=model, input=corpus, output=output, id_column="id", eval_batch_size=batch_size,

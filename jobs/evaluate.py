@@ -10,7 +10,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir of `ray job submit`
 
 from raysst.capacity import CapacityError  # noqa: E402
-from raysst.config import EVAL, parse_config  # noqa: E402
+from raysst.config import EVAL  # noqa: E402
+from raysst.cli import parse_config  # noqa: E402
 from raysst.evaluate import evaluate_driver_fn  # noqa: E402
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir of `ray job submit`
 
 from raysst.capacity import CapacityError  # noqa: E402
-from raysst.config import TUNE, parse_config  # noqa: E402
+from raysst.config import TUNE  # noqa: E402
+from raysst.cli import parse_config  # noqa: E402
 from raysst.tune import tune_driver_fn  # noqa: E402
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from raysst.config import Config, flag_name
+from raysst.config import Config
+from raysst.cli import flag_name
 
 NOW, AFTER_SCALE_UP = "fits now", "fits after scale-up"
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # written on the head by `ray up`; the autoscaler runs from it

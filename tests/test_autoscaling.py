@@ -18,7 +18,8 @@ import yaml
 
 from corpora import corpus_rows, write_input
 from fake_cluster import FakeCluster, Job, start_fake_cluster, _name as _comm
-from raysst.config import TRAIN, TUNE, Config, check_job, parse_config
+from raysst.config import TRAIN, TUNE, Config, check_job
+from raysst.cli import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = str((ROOT.parent / "shared" / "data" / "sst2").resolve())

@@ -85,7 +85,7 @@ def test_ray_validator_rejects_a_broken_config(break_it):
 
 @pytest.mark.parametrize("cloud", CLUSTERS)
 def test_training_lands_on_the_a100_workers_only(cloud):
-    from raysst.config import load_config
+    from raysst.cli import load_config
 
     head, worker = node_types(load(cloud))
     assert head["resources"]["GPU"] == 0 and head["resources"]["CPU"] > 0
@@ -147,7 +147,7 @@ def test_setup_installs_the_dependencies_of_pyproject(tmp_path):
 
 
 def test_outputs_go_to_shared_storage_that_the_workers_can_write():
-    from raysst.config import load_config
+    from raysst.cli import load_config
 
     assert load_config(str(CLUSTER_CONFIG)).storage_path.startswith("s3://")
     assert "s3://YOUR-BUCKET/raysst" in CLUSTERS["aws"].read_text()  # the comment that says where it goes

@@ -6,7 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raysst.config import TRAIN, SCORE, TUNE, Config, build_parser, load_config, parse_config
+from raysst.config import TRAIN, SCORE, TUNE, Config
+from raysst.cli import build_parser, load_config, parse_config
 from raysst.formats import DataError
 from raysst.data import length_grouped_batches, load_split, load_sst2
 from raysst.models import load_tokenizer
@@ -115,7 +116,7 @@ def test_pretokenized_epochs_hold_the_tokens_of_their_sentences(tiny_model, sst2
 
     from raysst.config import Config
     from raysst.data import to_ray_datasets
-    from raysst.train import epoch_batches
+    from raysst.train_worker import epoch_batches
 
     cfg = Config(model=tiny_model, data=str(sst2_small), batch_size=16, max_seq_length=24, seed=3)
     train, validation = load_sst2(cfg.data, 300, cfg.seed)

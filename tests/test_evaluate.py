@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raysst.config import EVAL, TRAIN, Config, parse_config
+from raysst.config import EVAL, TRAIN, Config
+from raysst.cli import parse_config
 from raysst.formats import DataError
 from raysst.evaluate import compute_report, evaluate_frame, model_names, wilson_interval, write_report
 from raysst.report import FIGURES, with_card_section, write_comparison

@@ -303,7 +303,8 @@ def test_smoothed_int8_keeps_the_sentence_vector_of_a_real_bert(sst2_small):
 
 
 def test_int8_is_for_cpu_scoring_and_evaluation_only():
-    from raysst.config import EVAL, SCORE, TRAIN, TUNE, parse_config
+    from raysst.config import EVAL, SCORE, TRAIN, TUNE
+    from raysst.cli import parse_config
     from raysst.train import train_driver_fn
     from raysst.tune import tune_driver_fn
 

@@ -75,8 +75,9 @@ def test_dropout_override_reaches_attention_dropout_too(tiny_model):
 
 
 def test_head_gets_its_learning_rate_and_norms_no_weight_decay(tiny_model):
-    from raysst.config import TRAIN, parse_config
-    from raysst.train import param_groups
+    from raysst.config import TRAIN
+    from raysst.cli import parse_config
+    from raysst.train_worker import param_groups
 
     model = load_classifier(tiny_model)
     cfg = parse_config(TRAIN, ["--lr", "1e-4", "--head-lr-scale", "10"])

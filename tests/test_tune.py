@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raysst.config import TUNE, Config, parse_config
+from raysst.config import TUNE, Config
+from raysst.cli import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
