@@ -31,7 +31,14 @@ def export_run(result, cfg: Config, dest: Optional[str] = None) -> str:
         raise RuntimeError(f"training run {cfg.name} reported no checkpoint; nothing to export")
     with result.checkpoint.as_directory() as latest:
         history = json.loads((Path(latest) / HISTORY_FILE).read_text())
-    return export_checkpoint(best, history, cfg, dest or posixpath.join(str(result.path), "model"))
+    return export_checkpoint(best, history, cfg, dest or posixpath.join(run_uri(result), "model"))
+
+
+def run_uri(result) -> str:
+    """The run's directory as raysst.storage opens it: Result.path is a path inside result.filesystem, without
+    the scheme (`bucket/raysst/run` for s3://bucket/raysst/run), so taken alone it names a local directory."""
+    scheme = {"s3": "s3", "gcs": "gs"}.get(result.filesystem.type_name)
+    return f"{scheme}://{result.path}" if scheme else str(result.path)
 
 
 def export_checkpoint(checkpoint, history: list, cfg: Config, dest: str) -> str:
