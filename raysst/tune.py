@@ -17,7 +17,7 @@ from ray.tune import Callback
 
 from raysst.capacity import Cluster, check_fits, current_cluster, fmt, lower_hint, workers_at_most, worker_resources
 from raysst.config import TUNE, Config, check_job
-from raysst.export import export_checkpoint
+from raysst.export import export_checkpoint, training_report
 from raysst.storage import HISTORY_FILE, filesystem
 
 TRIAL_RUNS = "train_runs"
@@ -100,7 +100,7 @@ def tune_driver_fn(cfg: Config) -> str:
         tuner = tune.Tuner(trainable, param_space=search_space(cfg), tune_config=_tune_config(cfg, concurrency),
                            run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.storage_path, verbose=1,
                                                      callbacks=[ProgressLines()]))
-    return write_outputs(cfg, summarize(cfg, tuner.fit()))
+    return write_outputs(cfg, summarize(cfg, tuner.fit()), validation)
 
 
 def _tune_config(cfg: Config, concurrency: int):
@@ -160,8 +160,9 @@ def _run_history(run: str) -> tuple:
     return [], set()
 
 
-def write_outputs(cfg: Config, trials: pd.DataFrame) -> str:
-    """trials.csv, sweep.png, best.json and best_model/ in the sweep dir; fails if no trial trained."""
+def write_outputs(cfg: Config, trials: pd.DataFrame, validation: pd.DataFrame) -> str:
+    """trials.csv, sweep.png, best.json and best_model/ (with its evaluation report on `validation`) in the sweep
+    dir; fails if no trial trained."""
     from ray.train import Checkpoint
 
     path = sweep_dir(cfg)
@@ -177,8 +178,10 @@ def write_outputs(cfg: Config, trials: pd.DataFrame) -> str:
         best_cfg = cfg.replace(lr=float(best["lr"]), batch_size=int(best["batch_size"]))
         run = trial_run(cfg, best["trial_id"])
         checkpoint = posixpath.join(run, f"checkpoint_epoch_{int(best['best_epoch']):03d}")
-        model_dir = export_checkpoint(Checkpoint(checkpoint), _run_history(run)[0], best_cfg,
-                                      posixpath.join(path, "best_model"))
+        history = _run_history(run)[0]
+        model_dir = export_checkpoint(Checkpoint(checkpoint), history, best_cfg, posixpath.join(path, "best_model"))
+        training_report(model_dir, validation, history, best_cfg.replace(use_gpu=best_cfg.compute_on_gpu,
+                                                                          fake_gpu=False))
         keys = ("lr", "batch_size", "epochs", "warmup_ratio", "weight_decay", "model", "num_workers")
         summary = {"trial_id": best["trial_id"], "accuracy": float(best["best_accuracy"]),
                    "eval_loss": float(best["eval_loss"]), "epoch": int(best["best_epoch"]),

@@ -139,6 +139,10 @@ def test_best_model_loads_in_pipeline_and_scores_its_reported_accuracy(asha_swee
     # The exported weights are the best checkpoint's: they score exactly the accuracy the sweep reported.
     correct = sum((p["label"] == "positive") == bool(y) for p, y in zip(predicted, validation["label"]))
     assert correct / len(validation) == pytest.approx(best["accuracy"], abs=1e-9)
+    # Its evaluation report, as a training run's: made of the trial's own validation predictions.
+    report = json.loads((model_dir / "eval" / "report.json").read_text())
+    assert report["accuracy"] == pytest.approx(best["accuracy"], abs=1e-9) and report["n"] == len(validation)
+    assert "## Evaluation report" in (model_dir / "README.md").read_text()
 
 
 @pytest.mark.timeout(300)
