@@ -164,7 +164,7 @@ def training_report(model_dir: str, validation: Union[pd.DataFrame, str], histor
     eval_dir = posixpath.join(model_dir, "eval")
     if history is None:
         history = json.loads(read_text(posixpath.join(model_dir, "metrics.json")))["epochs"]
-    prob = training_predictions(eval_dir, validation)
+    prob = training_predictions(eval_dir, validation, history)
     if prob is not None:
         report = report_from_training(model_dir, validation, prob, history)
     else:
@@ -186,15 +186,20 @@ def training_report(model_dir: str, validation: Union[pd.DataFrame, str], histor
     return section
 
 
-def training_predictions(eval_dir: str, validation: Union[pd.DataFrame, str]) -> Optional[np.ndarray]:
-    """The exported epoch's validation probabilities, where they are there and are one per row of `validation`."""
-    path = posixpath.join(eval_dir, PREDICTIONS_FILE)
-    fs, p = filesystem(path)
-    if not isinstance(validation, pd.DataFrame) or fs.get_file_info(p).type.name != "File":
+def training_predictions(eval_dir: str, validation: Union[pd.DataFrame, str], history: list) -> Optional[np.ndarray]:
+    """The exported epoch's validation probabilities, where they are there and belong to `validation`: one per
+    row, and against its labels the very accuracy the epoch recorded."""
+    from pyarrow.fs import FileType
+
+    fs, path = filesystem(posixpath.join(eval_dir, PREDICTIONS_FILE))
+    if not isinstance(validation, pd.DataFrame) or fs.get_file_info(path).type != FileType.File:
         return None
-    with fs.open_input_file(p) as f:
+    with fs.open_input_file(path) as f:
         prob = np.load(io.BytesIO(f.read()))
-    return prob if len(prob) == len(validation) else None
+    if len(prob) != len(validation):
+        return None
+    accuracy = float(((prob > 0.5) == validation["label"].to_numpy().astype(bool)).mean())
+    return prob if abs(accuracy - max(row["accuracy"] for row in history)) < 1e-9 else None
 
 
 def report_from_training(model_dir: str, validation: pd.DataFrame, prob: np.ndarray, history: list) -> dict:
