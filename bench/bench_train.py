@@ -7,6 +7,7 @@
     python bench/bench_train.py local                     # configs/local.yaml: wall time, accuracy
     python bench/bench_train.py full                      # MiniLM, full SST-2, 1 epoch: accuracy, samples/s
     python bench/bench_train.py gpu   [--batch-size 128]  # bert-base-shaped model, bf16, one GPU: samples/s
+    python bench/bench_train.py hf-gpu [--batch-size 128] # the same model and data through HF Trainer(group_by_length)
         [--model DIR] [--data DIR] [--samples N] [--device cpu]  # (bench/gpu_check.py passes these)
 """
 
@@ -44,9 +45,11 @@ def run_ours(storage: str, **overrides) -> dict:
 
 
 def run_hf_trainer(samples: int, strategy: str = "random", save_to: Optional[str] = None,
-                   precision: str = "fp32") -> dict:
+                   precision: str = "fp32", model: str = PACKAGED_MINILM, data: str = SST2,
+                   batch_size: Optional[int] = None, device: str = "cpu", evaluate: bool = True) -> dict:
     """The baseline a user would pick: transformers.Trainer, dynamic padding, and local.yaml's model,
-    batch size, threads and recipe; `save_to` also saves the model and tokenizer there, as our job does."""
+    batch size, threads and recipe; `save_to` also saves the model and tokenizer there, as our job does.
+    `model`, `data`, `batch_size` and `device="cuda"` make it the GPU check's baseline."""
     import datasets
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
@@ -54,37 +57,38 @@ def run_hf_trainer(samples: int, strategy: str = "random", save_to: Optional[str
     from raysst.models import load_classifier, load_tokenizer, set_dropout
 
     cfg = load_config(LOCAL_CONFIG)
-    torch.set_num_threads(cfg.cpus_per_worker)
-    train, validation = load_sst2(SST2, samples, seed=cfg.seed)
-    tok = load_tokenizer(PACKAGED_MINILM)
+    if device == "cpu":
+        torch.set_num_threads(cfg.cpus_per_worker)
+    train, validation = load_sst2(data, samples, seed=cfg.seed)
+    tok = load_tokenizer(model)
 
     def encode(df):
         ds = datasets.Dataset.from_pandas(df.rename(columns={"label": "labels"}))
         return ds.map(lambda b: tok(b["sentence"], truncation=True, max_length=cfg.max_seq_length), batched=True,
                       remove_columns=["sentence"])
 
-    model = load_classifier(PACKAGED_MINILM)
-    set_dropout(model, cfg.dropout)
+    classifier = load_classifier(model)
+    set_dropout(classifier, cfg.dropout)
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=cfg.batch_size,
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch_size or cfg.batch_size,
                                  per_device_eval_batch_size=128, num_train_epochs=1, learning_rate=cfg.lr,
                                  warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-                                 max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="linear", use_cpu=True,
+                                 max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="linear", use_cpu=device == "cpu",
                                  report_to=[], save_strategy="no", logging_steps=10_000, seed=cfg.seed,
                                  train_sampling_strategy=strategy, dataloader_num_workers=0,
                                  bf16=precision == "bf16")
-        trainer = Trainer(model=model, args=args, train_dataset=encode(train),
+        trainer = Trainer(model=classifier, args=args, train_dataset=encode(train),
                           eval_dataset=encode(validation), data_collator=DataCollatorWithPadding(tok),
                           compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
         start = time.perf_counter()
         stats = trainer.train().metrics
         wall = time.perf_counter() - start
-        accuracy = trainer.evaluate()["eval_accuracy"]
+        accuracy = trainer.evaluate()["eval_accuracy"] if evaluate else None
         if save_to:
             trainer.save_model(save_to)
             tok.save_pretrained(save_to)
     return {"train_samples_per_second": stats["train_samples_per_second"], "wall_seconds": wall,
-            "accuracy": accuracy}
+            "accuracy": accuracy, "train_samples": len(train)}
 
 
 def vs_hf(samples: int, grouped_only: bool = False, precision: str = "fp32") -> dict:
@@ -247,9 +251,30 @@ def gpu(batch_size: int, model: Optional[str] = None, data: str = SST2, samples:
             "wall_seconds_incl_ray_startup": m["wall_seconds"]}
 
 
+def hf_gpu(batch_size: int, model: Optional[str] = None, data: str = SST2, samples: int = 0,
+           device: str = "cuda") -> dict:
+    """The GPU check's baseline: HF `Trainer(group_by_length)` on what `gpu` trains (same model shape, data,
+    batch and precision, one epoch), so the check prints our speed as a ratio to it."""
+    import torch
+
+    from raysst.models import make_random_model
+
+    on_gpu = device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("bench_train.py hf-gpu: no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    with tempfile.TemporaryDirectory() as d:
+        model = model or make_random_model(str(Path(d) / "bert-base-random"))
+        m = run_hf_trainer(samples, "group_by_length", precision="bf16" if on_gpu else "fp32", model=model,
+                           data=data, batch_size=batch_size, device=device, evaluate=False)
+    return {"bench": f"HF Trainer(group_by_length), {'bf16' if on_gpu else 'fp32'}, 1 {device.upper()}",
+            "batch_size": batch_size, "train_samples": m["train_samples"],
+            "samples_per_second": m["train_samples_per_second"]}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["vs-hf", "whole", "ceiling", "compile", "local", "full", "gpu", "hf-process"])
+    parser.add_argument("part", choices=["vs-hf", "whole", "ceiling", "compile", "local", "full", "gpu", "hf-gpu",
+                                         "hf-process"])
     parser.add_argument("--samples", type=int, help="vs-hf, whole, ceiling: training slice (default 20000); "
                                                     "gpu: 0 = all (default)")
     parser.add_argument("--grouped-only", action="store_true", help="vs-hf: skip the HF Trainer's random sampling")
@@ -257,14 +282,15 @@ if __name__ == "__main__":
                         help="vs-hf, compile: the precision (bf16: CPU autocast, HF's bf16=True)")
     parser.add_argument("--out", help="hf-process: save the HF Trainer's model here; whole: keep our run here")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--model", help="gpu: this model directory instead of a fresh random bert-base")
-    parser.add_argument("--data", default=SST2, help="gpu: SST-2 directory (default: %(default)s)")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="gpu: cpu for a smoke run")
+    parser.add_argument("--model", help="gpu, hf-gpu: this model directory instead of a fresh random bert-base")
+    parser.add_argument("--data", default=SST2, help="gpu, hf-gpu: SST-2 directory (default: %(default)s)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="gpu, hf-gpu: cpu for a smoke run")
     a = parser.parse_args()
     result = {"vs-hf": lambda: vs_hf(a.samples or 20000, a.grouped_only, a.precision),
               "whole": lambda: whole(a.samples or 20000, a.out), "ceiling": lambda: ceiling(a.samples or 20000),
               "compile": lambda: compile_step(a.precision),
               "hf-process": lambda: run_hf_trainer(a.samples or 20000, "group_by_length", a.out),
               "local": local, "full": full,
-              "gpu": lambda: gpu(a.batch_size, a.model, a.data, a.samples or 0, a.device)}[a.part]()
+              "gpu": lambda: gpu(a.batch_size, a.model, a.data, a.samples or 0, a.device),
+              "hf-gpu": lambda: hf_gpu(a.batch_size, a.model, a.data, a.samples or 0, a.device)}[a.part]()
     print(json.dumps(result))

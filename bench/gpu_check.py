@@ -1,14 +1,16 @@
-"""GPU check: a short bf16 training run and a batch-scoring run of a bert-base-shaped model on one GPU.
+"""GPU check: short bf16 training runs (ours, then HF Trainer's) and a batch-scoring run of a bert-base-shaped
+model on one GPU.
 
-    python bench/gpu_check.py                # needs a CUDA GPU; a few minutes, at most 8
+    python bench/gpu_check.py                # needs a CUDA GPU; a few minutes, at most 10
     python bench/gpu_check.py --cpu-smoke    # the same steps on CPU with a tiny model and tiny data (tests)
 
 The model has bert-base-uncased's shape and random weights (the Hub is out of reach): its speed is real,
 its accuracy is not. Training is bench/bench_train.py's `gpu` part (the project's Ray Train trainer, one
-worker, bf16, full SST-2 for one epoch); scoring is raysst.score (Ray Data, one GPU model actor, bf16)
-over ~200k SST-2 sentences. Each step runs in its own process group under a time limit, so a step that
-fails or hangs still leaves the other's figure. Prints the versions, then a table, then the table as
-one JSON line. Exit status: 0 when every step passed, 1 when one failed, 2 without a CUDA device.
+worker, bf16, full SST-2 for one epoch), then HF `Trainer(group_by_length)` on the same model, data,
+batch and precision (`hf-gpu`), so the check prints our speed as a ratio to it; scoring is raysst.score
+(Ray Data, one GPU model actor, bf16) over ~200k SST-2 sentences. Each step runs in its own process group
+under a time limit, so a step that fails or hangs still leaves the others' figures. Prints the versions,
+then a table, then the table as one JSON line. Exit status: 0 when every step passed, 1 when one failed, 2 without a CUDA device.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from raysst.config import PACKAGED_MINILM  # noqa: E402
 # The full check and the CPU smoke run take the same steps; only the sizes differ.
 SIZES = {
     "gpu": {"train_batch": 128, "train_samples": 0, "score_rows": 200_000, "score_files": 8, "score_batch": 1024,
-            "train_timeout": 300, "score_timeout": 150},
+            "train_timeout": 225, "score_timeout": 120},  # each training step, ours and HF's: 10 minutes in all
     # Generous limits: on a 2-core machine shared with other test runs, one step took up to 4 minutes.
     "cpu": {"train_batch": 16, "train_samples": 0, "score_rows": 300, "score_files": 3, "score_batch": 32,
             "train_timeout": 420, "score_timeout": 420},
@@ -142,21 +144,31 @@ def _last_json(out: str) -> Optional[dict]:
 
 def table(rows: list[dict]) -> str:
     """One line per step: its figure, what it was measured on, its wall time."""
-    lines = [f"{'step':<7} {'result':<58} {'wall':>8}"]
+    lines = [f"{'step':<7} {'result':<68} {'wall':>8}"]
     for r in rows:
         res = r["result"] or {}
         if not r["ok"]:
             text = f"FAILED: {r['error']}"
         elif r["step"] == "model":
             text = res["shape"]
-        elif r["step"] == "train":
+        elif r["step"] in ("train", "hf"):
             text = (f"{res['samples_per_second']:,.0f} samples/s ({res['train_samples']:,} samples, "
-                    f"batch {res['batch_size']})")
+                    f"batch {res['batch_size']}{', HF Trainer(group_by_length)' if r['step'] == 'hf' else ''})")
         else:
             text = f"{res['rows_per_second']:,.0f} rows/s ({res['rows']:,} rows, {res['dtype']}, batch {res['batch_size']})"
-        lines.append(f"{r['step']:<7} {text:<58} {r['wall_seconds']:>7.1f}s")
-    lines.append(f"{'total':<7} {'':<58} {sum(r['wall_seconds'] for r in rows):>7.1f}s")
+        lines.append(f"{r['step']:<7} {text:<68} {r['wall_seconds']:>7.1f}s")
+    lines.append(f"{'total':<7} {'':<68} {sum(r['wall_seconds'] for r in rows):>7.1f}s")
+    if (ratio := speedup(rows)) is not None:
+        lines.append(f"raysst trains at {ratio:.2f}x the samples/s of HF Trainer(group_by_length) on the same work")
     return "\n".join(lines)
+
+
+def speedup(rows: list[dict]) -> Optional[float]:
+    """Our training samples/s over HF Trainer(group_by_length)'s, when both steps gave a figure."""
+    by_step = {r["step"]: r["result"] for r in rows if r["ok"]}
+    if "train" in by_step and "hf" in by_step:
+        return by_step["train"]["samples_per_second"] / by_step["hf"]["samples_per_second"]
+    return None
 
 
 def describe(v: dict) -> str:
@@ -168,7 +180,7 @@ def describe(v: dict) -> str:
 
 
 def make_model(directory: Path, tokenizer: str, tiny: bool) -> dict:
-    """The model both steps use: bert-base-uncased's shape (or a tiny BERT), random weights."""
+    """The model every step uses: bert-base-uncased's shape (or a tiny BERT), random weights."""
     from raysst.models import make_random_model
 
     start = time.perf_counter()
@@ -211,9 +223,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         data = args.data if on_gpu else write_smoke_data(args.data, Path(tmp) / "sst2-smoke")
         rows = [make_model(Path(tmp) / "model", args.tokenizer, tiny=not on_gpu)]
         model = rows[0]["result"]["path"] if rows[0]["ok"] else str(Path(tmp) / "model")
-        rows.append(run_step("train", [sys.executable, str(BENCH_TRAIN), "gpu", "--batch-size", str(size["train_batch"]),
-                                       "--model", model, "--data", data, "--samples", str(size["train_samples"]),
-                                       *smoke], size["train_timeout"]))
+        for step, part in (("train", "gpu"), ("hf", "hf-gpu")):  # ours, then HF's Trainer on the same work
+            rows.append(run_step(step, [sys.executable, str(BENCH_TRAIN), part, "--batch-size", str(size["train_batch"]),
+                                        "--model", model, "--data", data, "--samples", str(size["train_samples"]),
+                                        *smoke], size["train_timeout"]))
         try:
             corpus = str(write_corpus(data, Path(tmp) / "corpus", size["score_rows"], size["score_files"]))
             rows.append(run_step("score", [sys.executable, __file__, *(["--cpu-smoke"] if not on_gpu else []),
@@ -224,7 +237,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "error": f"could not write the corpus: {type(e).__name__}: {e}"})
     print(describe(info))
     print(table(rows))
-    print(json.dumps({"gpu_check": rows, "versions": info}))
+    print(json.dumps({"gpu_check": rows, "speedup_vs_hf_trainer_grouped": speedup(rows), "versions": info}))
     return 0 if all(r["ok"] for r in rows) else 1
 
 

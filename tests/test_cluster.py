@@ -188,13 +188,19 @@ def test_gpu_check_without_a_gpu_says_so():
 
 
 @pytest.mark.timeout(900)
-def test_gpu_check_cpu_smoke_runs_both_steps():
+def test_gpu_check_cpu_smoke_runs_every_step():
     done = gpu_check("--cpu-smoke")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = steps(done)
-    assert all(s["ok"] for s in result.values())
-    train, score = result["train"]["result"], result["score"]["result"]
-    assert train["train_samples"] == 64 and train["samples_per_second"] > 0
+    assert set(result) == {"model", "train", "hf", "score"} and all(s["ok"] for s in result.values())
+    train, hf, score = result["train"]["result"], result["hf"]["result"], result["score"]["result"]
+    assert train["train_samples"] == hf["train_samples"] == 64 and train["batch_size"] == hf["batch_size"] == 16
+    assert train["samples_per_second"] > 0 and hf["samples_per_second"] > 0
+    # Our speed as a ratio to HF Trainer(group_by_length) on the same work, in the JSON and the table.
+    ratio = json.loads(done.stdout.strip().splitlines()[-1])["speedup_vs_hf_trainer_grouped"]
+    assert ratio == pytest.approx(train["samples_per_second"] / hf["samples_per_second"])
+    assert f"raysst trains at {ratio:.2f}x the samples/s of HF Trainer(group_by_length)" in done.stdout
+    assert re.search(r"^hf +[\d,]+ samples/s \(64 samples, batch 16, HF Trainer\(group_by_length\)\)", done.stdout, re.M)
     assert score["rows"] == 300 and score["status_counts"]["ok"] == 300 and score["rows_per_second"] > 0
     assert re.search(r"^train +[\d,]+ samples/s", done.stdout, re.M)
     assert re.search(r"^score +[\d,]+ rows/s \(300 rows, float32, batch 32\)", done.stdout, re.M)
