@@ -10,7 +10,8 @@ worker, bf16, full SST-2 for one epoch), then HF `Trainer(group_by_length)` on t
 batch and precision (`hf-gpu`), so the check prints our speed as a ratio to it; scoring is raysst.score
 (Ray Data, one GPU model actor, bf16) over ~200k SST-2 sentences. Each step runs in its own process group
 under a time limit, so a step that fails or hangs still leaves the others' figures. Prints the versions,
-then a table, then the table as one JSON line. Exit status: 0 when every step passed, 1 when one failed, 2 without a CUDA device.
+then a table, then the table as one JSON line. Exit status: 0 when every step passed, 1 when one failed,
+2 without a CUDA device.
 """
 
 from __future__ import annotations
