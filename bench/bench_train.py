@@ -146,7 +146,7 @@ def ceiling(samples: int) -> dict:
     batches iterated with no model at all."""
     from raysst.data import to_ray_datasets
     from raysst.models import make_random_model
-    from raysst.train_worker import epoch_batches
+    from raysst.data import epoch_batches
 
     with tempfile.TemporaryDirectory() as d:
         model = make_random_model(str(Path(d) / "tiny64"), hidden_size=64, num_hidden_layers=2,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -17,6 +17,9 @@ import pyarrow as pa
 
 from raysst.corpus import FORMATS as READERS, read_file
 from raysst.formats import TEXT_COLUMNS, DataError, InputFile, find_text_column
+
+if TYPE_CHECKING:
+    from raysst.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -192,3 +195,29 @@ def length_grouped_batches(input_ids, labels, pad_id: int, batch_size: int, rng:
     rng.shuffle(chunks)
     for idx in chunks:
         yield model_inputs([input_ids[i] for i in idx], pad_id, labels[idx])
+
+
+def epoch_batches(train_shard, cfg: Config, per_worker: int, epoch: int, rank: int, pad_id: int) -> Iterator[dict]:
+    """This worker's batches of one epoch: its shard's token ids shuffled in pools of 64 batches (seeded by
+    run, epoch and rank), each pool grouped by length into padded batches."""
+    rng = np.random.default_rng([cfg.seed, epoch, rank])
+    pool = per_worker * (64 if cfg.group_by_length else 1)
+    ids, labels = np.empty(0, object), np.empty(0, np.int64)
+    for chunk in train_shard.iter_batches(batch_size=pool, batch_format="numpy", local_shuffle_buffer_size=pool,
+                                          local_shuffle_seed=cfg.seed * 1000 + epoch):
+        # Pools come short at block boundaries: only whole batches leave, the rest joins the next pool, so
+        # every worker steps ceil(rows / per_worker) times and no DDP collective waits for a partner.
+        ids, labels = np.concatenate([ids, as_rows(chunk["input_ids"])]), np.concatenate([labels, chunk["label"]])
+        whole = len(ids) - len(ids) % per_worker
+        yield from length_grouped_batches(ids[:whole], labels[:whole], pad_id, per_worker, rng, cfg.group_by_length)
+        ids, labels = ids[whole:], labels[whole:]
+    if len(ids):
+        yield from length_grouped_batches(ids, labels, pad_id, per_worker, rng, cfg.group_by_length)
+
+
+def as_rows(column) -> np.ndarray:
+    """A batch's token-id column as a 1-D array of per-row arrays (a pool of equal lengths may come as 2-D)."""
+    rows = np.empty(len(column), object)
+    for i, row in enumerate(column):
+        rows[i] = row
+    return rows

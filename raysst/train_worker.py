@@ -23,6 +23,7 @@ def train_fn_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from transformers import get_linear_schedule_with_warmup
 
+    from raysst.data import epoch_batches
     from raysst.models import (count_parameters, describe_device, device_dtype, device_info, fetch_once_per_node,
                                load_classifier, load_tokenizer, set_dropout)
     from raysst.tracking import Tracker
@@ -166,26 +167,6 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list:
              "lr": cfg.lr * (cfg.head_lr_scale if head else 1.0)} for (decay, head), params in groups.items()]
 
 
-def epoch_batches(train_shard, cfg: Config, per_worker: int, epoch: int, rank: int, pad_id: int):
-    """This worker's batches of one epoch: its shard's token ids shuffled in pools of 64 batches (seeded by
-    run, epoch and rank), each pool grouped by length into padded batches."""
-    from raysst.data import length_grouped_batches
-
-    rng = np.random.default_rng([cfg.seed, epoch, rank])
-    pool = per_worker * (64 if cfg.group_by_length else 1)
-    ids, labels = np.empty(0, object), np.empty(0, np.int64)
-    for chunk in train_shard.iter_batches(batch_size=pool, batch_format="numpy", local_shuffle_buffer_size=pool,
-                                          local_shuffle_seed=cfg.seed * 1000 + epoch):
-        # Pools come short at block boundaries: only whole batches leave, the rest joins the next pool, so
-        # every worker steps ceil(rows / per_worker) times and no DDP collective waits for a partner.
-        ids, labels = np.concatenate([ids, as_rows(chunk["input_ids"])]), np.concatenate([labels, chunk["label"]])
-        whole = len(ids) - len(ids) % per_worker
-        yield from length_grouped_batches(ids[:whole], labels[:whole], pad_id, per_worker, rng, cfg.group_by_length)
-        ids, labels = ids[whole:], labels[whole:]
-    if len(ids):
-        yield from length_grouped_batches(ids, labels, pad_id, per_worker, rng, cfg.group_by_length)
-
-
 def timed(batches: Iterator, waited: list) -> Iterator:
     """`batches`, adding the seconds spent waiting for each to `waited[0]`."""
     batches = iter(batches)
@@ -196,14 +177,6 @@ def timed(batches: Iterator, waited: list) -> Iterator:
         if batch is None:
             return
         yield batch
-
-
-def as_rows(column) -> np.ndarray:
-    """A batch's token-id column as a 1-D array of per-row arrays (a pool of equal lengths may come as 2-D)."""
-    rows = np.empty(len(column), object)
-    for i, row in enumerate(column):
-        rows[i] = row
-    return rows
 
 
 @torch.inference_mode()
