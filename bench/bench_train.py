@@ -19,8 +19,9 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -78,7 +79,7 @@ def run_hf_trainer(samples: int, strategy: str = "random", save_to: Optional[str
                                  train_sampling_strategy=strategy, dataloader_num_workers=0,
                                  bf16=precision == "bf16")
         trainer = Trainer(model=classifier, args=args, train_dataset=encode(train),
-                          eval_dataset=encode(validation), data_collator=DataCollatorWithPadding(tok),
+                          eval_dataset=encode(validation) if evaluate else None, data_collator=DataCollatorWithPadding(tok),
                           compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
         start = time.perf_counter()
         stats = trainer.train().metrics
@@ -144,9 +145,8 @@ def ceiling(samples: int) -> dict:
     """The input path alone, per worker: our trainer with a tiny BERT (hidden 64, 2 layers), whose step
     costs little, so samples/s is bounded by the shard, pooling, length grouping and padding; and the same
     batches iterated with no model at all."""
-    from raysst.data import to_ray_datasets
+    from raysst.data import epoch_batches, to_ray_datasets
     from raysst.models import make_random_model
-    from raysst.data import epoch_batches
 
     with tempfile.TemporaryDirectory() as d:
         model = make_random_model(str(Path(d) / "tiny64"), hidden_size=64, num_hidden_layers=2,
@@ -226,21 +226,30 @@ def full() -> dict:
             "tokens_per_second": m["train_tokens_per_second"]}
 
 
+@contextmanager
+def gpu_model(part: str, model: Optional[str], device: str) -> Iterator[tuple[str, str]]:
+    """(a scratch directory, `model` or a fresh bert-base-shaped random model in it) for the GPU parts;
+    exits at once when `device` is cuda and no GPU is visible."""
+    import torch
+
+    from raysst.models import make_random_model
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench_train.py {part}: no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    with tempfile.TemporaryDirectory() as d:
+        yield d, model or make_random_model(str(Path(d) / "bert-base-random"))
+
+
 def gpu(batch_size: int, model: Optional[str] = None, data: str = SST2, samples: int = 0, device: str = "cuda") -> dict:
     """The project's trainer on one GPU: bert-base-shaped random weights (the Hub is out of reach), bf16,
     full SST-2 (or `samples` of it) for one epoch. Speed is real; accuracy is not (random weights).
 
     `model` replaces the fresh bert-base; `device="cpu"` runs the same path in fp32 on one CPU, which is
     how bench/gpu_check.py's smoke test keeps this code alive without a GPU."""
-    import torch
-
-    from raysst.models import describe_device, device_info, make_random_model
+    from raysst.models import describe_device, device_info
 
     on_gpu = device == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        raise SystemExit("bench_train.py gpu: no CUDA GPU is visible (torch.cuda.is_available() is False)")
-    with tempfile.TemporaryDirectory() as d:
-        model = model or make_random_model(str(Path(d) / "bert-base-random"))
+    with gpu_model("gpu", model, device) as (d, model):
         m = run_ours(d, model=model, data=data, max_train_samples=samples, use_gpu=on_gpu,
                      precision="bf16" if on_gpu else "fp32", cpus_per_worker=4 if on_gpu else 1,
                      batch_size=batch_size, eval_batch_size=512, name="gpu", log_every=100)
@@ -255,15 +264,8 @@ def hf_gpu(batch_size: int, model: Optional[str] = None, data: str = SST2, sampl
            device: str = "cuda") -> dict:
     """The GPU check's baseline: HF `Trainer(group_by_length)` on what `gpu` trains (same model shape, data,
     batch and precision, one epoch), so the check prints our speed as a ratio to it."""
-    import torch
-
-    from raysst.models import make_random_model
-
     on_gpu = device == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        raise SystemExit("bench_train.py hf-gpu: no CUDA GPU is visible (torch.cuda.is_available() is False)")
-    with tempfile.TemporaryDirectory() as d:
-        model = model or make_random_model(str(Path(d) / "bert-base-random"))
+    with gpu_model("hf-gpu", model, device) as (_, model):
         m = run_hf_trainer(samples, "group_by_length", precision="bf16" if on_gpu else "fp32", model=model,
                            data=data, batch_size=batch_size, device=device, evaluate=False)
     return {"bench": f"HF Trainer(group_by_length), {'bf16' if on_gpu else 'fp32'}, 1 {device.upper()}",

@@ -115,8 +115,7 @@ def test_pretokenized_epochs_hold_the_tokens_of_their_sentences(tiny_model, sst2
     from collections import Counter
 
     from raysst.config import Config
-    from raysst.data import to_ray_datasets
-    from raysst.data import epoch_batches
+    from raysst.data import epoch_batches, to_ray_datasets
 
     cfg = Config(model=tiny_model, data=str(sst2_small), batch_size=16, max_seq_length=24, seed=3)
     train, validation = load_sst2(cfg.data, 300, cfg.seed)
