@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from raysst.task import KINDS as TASK_KINDS
+
 
 TRAIN, TUNE, SCORE, EVAL = "train", "tune", "score", "evaluate"
 ALL = (TRAIN, TUNE, SCORE, EVAL)
 TRAINING = (TRAIN, TUNE)
 
 PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-LABEL_NAMES = {0: "negative", 1: "positive"}  # the exported model's id2label
 TRAINING_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PRECISIONS = (*TRAINING_PRECISIONS, "int8")  # int8: dynamic quantization, for CPU scoring and evaluation only
 DEFAULT_STORAGE = "~/raysst-runs"
@@ -37,7 +38,27 @@ def _f(default: Any, help: str, jobs: Sequence[str] = TRAINING, flag: Optional[d
 class Config:
     # What to train on, and where results go.
     model: str = _f(PACKAGED_MINILM, "Hugging Face checkpoint: Hub name or local directory", (TRAIN, TUNE, SCORE))
-    data: str = _f("nyu-mll/glue", "SST-2: a Hub dataset name or a local directory with train/validation splits")
+    data: str = _f("nyu-mll/glue", "a Hub dataset name or a local directory with train/validation splits")
+    data_config: Optional[str] = _f(None, "the Hub dataset's config; a GLUE task name (sst2, mrpc, stsb, mnli, ...) "
+                                    "also picks its text columns and label names as run_glue.py does (default: sst2 "
+                                    "for nyu-mll/glue, or the GLUE task a local directory is named after; none: no "
+                                    "GLUE task)")
+    train_split: str = _f("train", "name of the training split")
+    validation_split: Optional[str] = _f(None, "name of the validation split (default: validation, dev or val; "
+                                         "validation_matched for mnli)")
+    # The task: columns and labels (raysst.task).
+    text_column: Optional[str] = _f(None, "text column (default: the GLUE task's, else `sentence` or `text`)", ALL)
+    text_pair_column: Optional[str] = _f(None, "second text of a pair (encoded as a real pair, with segment ids)",
+                                         ALL)
+    label_column: str = _f("label", "label column: class names or ids, lists of names (multi-label) or numbers "
+                           "(regression)", TRAINING + (EVAL,))
+    labels: list = _f([], "comma-separated label names: fixes their order (ids index it) and rejects any other "
+                      "(default: the training split's sorted values; score and evaluate: the model's, renamed)", ALL)
+    task: Optional[str] = _f(None, "single, multi-label or regression (default: inferred from the labels; "
+                             "score and evaluate: the model's problem_type)", ALL)
+    threshold: float = _f(0.5, "multi-label: a label is on when its probability exceeds this", ALL)
+    metric: Optional[str] = _f(None, "the validation metric that picks the best checkpoint and that tune "
+                               "optimizes (default: accuracy, micro_f1 or pearson, by task)")
     storage_path: str = _f(DEFAULT_STORAGE, "where runs, checkpoints and models are written (local path or s3://...)")
     name: str = _f("sst2", "run name; rerunning with the same name and storage path resumes")
     # Scale.
@@ -72,7 +93,7 @@ class Config:
     seed: int = _f(42, "random seed")
     eval_batch_size: int = _f(128, "batch size for validation and scoring", TRAINING + (EVAL,), flag={SCORE: "batch-size"})
     # Fault tolerance and logging.
-    keep_checkpoints: int = _f(2, "checkpoints kept, best by validation accuracy")
+    keep_checkpoints: int = _f(2, "checkpoints kept, best by the validation --metric")
     max_failures: int = _f(3, "worker-group restarts from the latest checkpoint before giving up")
     wait_for_nodes: int = _f(1800, "seconds to wait for the workers' resources (the autoscaler adding nodes) before "
                              "failing", ALL)
@@ -89,7 +110,6 @@ class Config:
     # Score.
     input: Optional[str] = _f(None, "file, directory or glob to score", (SCORE,), flag={EVAL: "data"})
     output: Optional[str] = _f(None, "output directory", (SCORE, EVAL))
-    text_column: Optional[str] = _f(None, "text column (default: `sentence` or `text`)", (SCORE, EVAL))
     id_column: Optional[str] = _f(None, "id column kept as the row key", (SCORE,))
     on_bad_file: str = _f("fail", "fail or skip unreadable files", (SCORE,))
     chunk_rows: int = _f(0, "rows per chunk of a file (parquet: at most one row group): the unit scored, written "
@@ -98,7 +118,6 @@ class Config:
     # Evaluate.
     models: list = _f([], "model to evaluate; repeat the flag to compare several side by side (default: `model`)",
                       (), flag={EVAL: "model"}, repeat=True)
-    label_column: str = _f("label", "gold label column (0/1 or negative/positive)", (EVAL,))
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
@@ -148,6 +167,12 @@ class Config:
         _check(len(set(self.models)) == len(self.models) and all(self.models), "models", self.models,
                "distinct, non-empty model names")
         _check(bool(self.label_column), "label_column", self.label_column, "a column name")
+        self.labels = [str(n).strip() for n in (self.labels.split(",") if isinstance(self.labels, str)
+                                                else self.labels)]
+        _check(len(set(self.labels)) == len(self.labels) and all(self.labels), "labels", self.labels,
+               "distinct, non-empty comma-separated names such as negative,neutral,positive")
+        _check(self.task in (None, *TASK_KINDS), "task", self.task, "one of " + ", ".join(TASK_KINDS))
+        _check(0 < self.threshold < 1, "threshold", self.threshold, "in (0, 1)")
         # A resized run keeps its global batch, so every size an elastic group may have must split it.
         uneven = [w for w in self.worker_counts if self.batch_size % (w * self.grad_accum_steps)]
         _check(not uneven, "batch_size", self.batch_size, "divisible by num_workers * grad_accum_steps " + (

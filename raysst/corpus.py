@@ -117,12 +117,14 @@ def _first_lines(fh, n: int) -> bytes:
     return b"\n".join(out.getvalue().split(b"\n", n)[:n])
 
 
-def scan_file(f: InputFile, text_column: Optional[str] = None, id_column: Optional[str] = None) -> InputFile:
+def scan_file(f: InputFile, text_column: Optional[str] = None, id_column: Optional[str] = None,
+              pair_column: Optional[str] = None) -> InputFile:
     """Check a file's columns without reading its rows; returns it with its text column (and parquet row count)."""
     columns, num_rows = file_columns(f)
     text = TXT_COLUMN if f.fmt == "txt" else find_text_column(columns, f.path, text_column)
-    if id_column and f.fmt != "txt" and id_column not in columns:
-        raise DataError(f"{f.path}: no id column {id_column!r}; columns are {columns}")
+    for name, what in ((id_column, "id"), (pair_column, "text pair")):
+        if name and name not in columns:
+            raise DataError(f"{f.path}: no {what} column {name!r}; columns are {columns}")
     return InputFile(f.path, f.rel, f.fmt, text, num_rows)
 
 

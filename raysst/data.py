@@ -1,22 +1,24 @@
-"""SST-2 data: load and check the splits, hand them to Ray, and batch them for a worker.
+"""Training data: load and check the splits and their task, hand them to Ray, and batch them for a worker.
 
-Splits come from a local directory (parquet, GLUE-style tsv, csv or jsonl) or from the
-Hugging Face Hub. Every bad input is reported with the file, the column and what was found.
+Splits come from a local directory (parquet, GLUE-style tsv, csv or jsonl) or from the Hugging Face Hub; a
+GLUE task (`--data-config mrpc`) picks its columns and label names as run_glue.py does. Every bad input is
+reported with the file, the column and what was found.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
+from raysst.batching import PAIR, TEXT, tokenize_rows
 from raysst.corpus import FORMATS as READERS, read_file
 from raysst.formats import TEXT_COLUMNS, DataError, InputFile, find_text_column
+from raysst.task import REGRESSION, LabelError, Task, infer_task
 
 if TYPE_CHECKING:
     from raysst.config import Config
@@ -26,6 +28,48 @@ logger = logging.getLogger(__name__)
 FORMATS = ("parquet", "tsv", "csv", "jsonl", "json")
 # GLUE ships the validation split as dev.tsv.
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "dev", "val")}
+# GLUE tasks by name, as run_glue.py's task_to_keys: (text column, pair column, label names; None: regression).
+GLUE_TASKS = {
+    "cola": ("sentence", None, ("unacceptable", "acceptable")),
+    "sst2": ("sentence", None, ("negative", "positive")),
+    "mrpc": ("sentence1", "sentence2", ("not_equivalent", "equivalent")),
+    "qqp": ("question1", "question2", ("not_duplicate", "duplicate")),
+    "stsb": ("sentence1", "sentence2", None),
+    "mnli": ("premise", "hypothesis", ("entailment", "neutral", "contradiction")),
+    "qnli": ("question", "sentence", ("entailment", "not_entailment")),
+    "rte": ("sentence1", "sentence2", ("entailment", "not_entailment")),
+    "wnli": ("sentence1", "sentence2", ("not_entailment", "entailment")),
+}
+GLUE_VALIDATION = {"mnli": "validation_matched"}
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where a split's texts and labels are: the flags, else the GLUE task's keys, else `sentence` or `text`."""
+
+    text: Optional[str] = None
+    pair: Optional[str] = None
+    label: str = "label"
+    glue: Optional[str] = None  # the GLUE task the data is read as, if any
+    config: Optional[str] = None  # the Hub dataset's config name
+
+    @classmethod
+    def of(cls, cfg: "Config") -> "Columns":
+        glue = glue_task(cfg.data, cfg.data_config)
+        text, pair, _ = GLUE_TASKS.get(glue, (None, None, None))
+        return cls(cfg.text_column or text, cfg.text_pair_column or pair, cfg.label_column, glue,
+                   glue or cfg.data_config)
+
+
+def glue_task(data: str, data_config: Optional[str]) -> Optional[str]:
+    """The GLUE task `data` is read as: `data_config` when it names one ("none": no task), else SST-2 for the
+    GLUE Hub name, else a local directory named after a task (`.../sst2`, `mrpc_sample`), else None."""
+    if data_config:
+        return data_config.lower() if data_config.lower() in GLUE_TASKS else None
+    name = Path(str(data).rstrip("/")).name.lower()
+    if name == "glue":
+        return "sst2"
+    return next((t for t in GLUE_TASKS if name.startswith(t) and Path(data).expanduser().is_dir()), None)
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -36,47 +80,38 @@ def read_table(path: Path) -> pd.DataFrame:
     return read_file(InputFile(str(path), path.name, fmt, text_column=TEXT_COLUMNS[0]))[0].to_pandas()
 
 
-def normalize_labels(labels: pd.Series, source: str, column: str = "label") -> pd.Series:
-    """Labels as int 0/1; accepts 0/1 (any int, float or string spelling) and negative/positive."""
-    if labels.isna().any():
-        rows = labels.index[labels.isna()].tolist()[:5]
-        raise DataError(f"{source}: column {column!r} has {int(labels.isna().sum())} missing labels (rows {rows})")
-    by_name = {"negative": 0, "positive": 1, "neg": 0, "pos": 1, "0": 0, "1": 1, "0.0": 0, "1.0": 1}
-    mapped = labels.map(lambda v: by_name.get(str(v).strip().lower()))
-    bad = mapped.isna()
-    if bad.any():
-        found = sorted(map(str, labels[bad].unique()))[:10]
-        raise DataError(f"{source}: column {column!r} must hold 0/1 or negative/positive labels; found {found}")
-    return mapped.astype("int64")
+def check_texts(df: pd.DataFrame, column: str, source: str) -> pd.Series:
+    """The column's texts, or DataError naming the nulls, non-strings or empty strings."""
+    texts = df[column]
+    bad = {"null values": texts.isna(), "non-string values": ~texts.map(lambda v: isinstance(v, str) or pd.isna(v))}
+    bad["empty texts"] = ~bad["null values"] & ~bad["non-string values"] & (texts.astype(str).str.strip() == "")
+    for what, rows in bad.items():
+        if rows.any():
+            found = f" ({sorted({type(v).__name__ for v in texts[rows]})})" if what == "non-string values" else ""
+            raise DataError(f"{source}: column {column!r} has {int(rows.sum())} {what}{found} "
+                            f"(rows {df.index[rows].tolist()[:5]})")
+    return texts.astype(str)
 
 
-def check_frame(df: pd.DataFrame, source: str, text_column: Optional[str] = None,
-                label_column: str = "label") -> pd.DataFrame:
-    """Return a clean (sentence, label) frame, or raise naming what is wrong."""
-    text = find_text_column(df.columns, source, text_column)
-    if label_column not in df.columns:
-        raise DataError(f"{source}: no label column {label_column!r}; columns are {list(df.columns)}")
-    sentences = df[text]
-    missing = sentences.isna()
-    if missing.any():
-        raise DataError(f"{source}: column {text!r} has {int(missing.sum())} null values "
-                        f"(rows {df.index[missing].tolist()[:5]})")
-    not_str = ~sentences.map(lambda v: isinstance(v, str))
-    if not_str.any():
-        raise DataError(f"{source}: column {text!r} must hold strings; found "
-                        f"{sorted({type(v).__name__ for v in sentences[not_str]})} (rows {df.index[not_str].tolist()[:5]})")
-    empty = sentences.str.strip() == ""
-    if empty.any():
-        raise DataError(f"{source}: column {text!r} has {int(empty.sum())} empty sentences "
-                        f"(rows {df.index[empty].tolist()[:5]})")
+def check_frame(df: pd.DataFrame, source: str, columns: Columns = Columns()) -> pd.DataFrame:
+    """A clean (sentence[, sentence_pair], label) frame with the labels as found, or DataError naming what is
+    wrong; the labels are checked against the task by raysst.task."""
     if len(df) == 0:
         raise DataError(f"{source}: has no rows")
-    labels = normalize_labels(df[label_column], source, label_column)
-    return pd.DataFrame({"sentence": sentences.astype(str).to_numpy(), "label": labels.to_numpy()})
+    text = find_text_column(df.columns, source, columns.text)
+    for name, what in ((columns.pair, "text pair"), (columns.label, "label")):
+        if name and name not in df.columns:
+            raise DataError(f"{source}: no {what} column {name!r}; columns are {list(df.columns)}")
+    out = {TEXT: check_texts(df, text, source).to_numpy()}
+    if columns.pair:
+        out[PAIR] = check_texts(df, columns.pair, source).to_numpy()
+    out["label"] = df[columns.label].to_numpy()
+    return pd.DataFrame(out)
 
 
 def find_split_file(directory: Path, split: str) -> Path:
-    candidates = [directory / f"{stem}.{fmt}" for stem in SPLIT_ALIASES[split] for fmt in FORMATS]
+    stems = SPLIT_ALIASES.get(split, (split,))
+    candidates = [directory / f"{stem}.{fmt}" for stem in stems for fmt in FORMATS]
     found = [p for p in candidates if p.is_file()]
     if not found:
         present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
@@ -85,139 +120,71 @@ def find_split_file(directory: Path, split: str) -> Path:
     return found[0]
 
 
-def load_split(data: str, split: str) -> pd.DataFrame:
-    """One checked split as a (sentence, label) DataFrame, from a local directory or the Hub."""
+def load_split(data: str, split: str, columns: Columns = Columns()) -> tuple[pd.DataFrame, str, Optional[list]]:
+    """One checked split from a local directory or the Hub: the frame, its source (for errors) and the label
+    names the source declares (a Hub ClassLabel), if any."""
     path = Path(data).expanduser()
     if path.is_dir():
         file = find_split_file(path, split)
-        return check_frame(read_table(file), str(file))
+        return check_frame(read_table(file), str(file), columns), str(file), None
     if path.exists() or data.startswith((".", "/", "~")):
-        raise DataError(f"{data}: not a directory of SST-2 splits (and not a Hub dataset name)")
-    return _load_hub_split(data, split)
-
-
-def _load_hub_split(name: str, split: str) -> pd.DataFrame:
+        raise DataError(f"{data}: not a directory of train/validation splits (and not a Hub dataset name)")
     import datasets  # heavy; only the Hub path needs it
 
-    config = "sst2" if name.split("/")[-1] == "glue" else None
-    logger.info("loading %s split %s from the Hugging Face Hub", name, split)
-    ds = datasets.load_dataset(name, config, split=split)
-    return check_frame(ds.to_pandas(), f"{name}[{split}]")
+    logger.info("loading %s (%s) split %s from the Hugging Face Hub", data, columns.glue, split)
+    ds = datasets.load_dataset(data, columns.config, split=split)
+    names = getattr(ds.features.get(columns.label), "names", None)
+    source = f"{data}[{split}]"
+    return check_frame(ds.to_pandas(), source, columns), source, names
 
 
-def load_sst2(data: str, max_train_samples: Optional[int] = None, seed: int = 42):
-    """Train and validation frames. Train comes back in a seeded random order (the slice, if any, is its
-    head): workers only shuffle within windows, and a file sorted by label must not train in that order."""
-    train, validation = load_split(data, "train"), load_split(data, "validation")
-    n = min(max_train_samples or len(train), len(train))
-    return train.sample(n=n, random_state=seed).reset_index(drop=True), validation
+def load_data(cfg: "Config") -> tuple[pd.DataFrame, pd.DataFrame, Task]:
+    """Train and validation frames with their labels encoded for the task, and the task: label names from
+    --labels, the GLUE task or the Hub's ClassLabel, else the training split's sorted values. Train comes
+    back in a seeded random order (a slice, if any, is its head): workers only shuffle within windows, and a
+    file sorted by label must not train in that order."""
+    columns = Columns.of(cfg)
+    train, source, declared = load_split(cfg.data, cfg.train_split, columns)
+    validation_split = cfg.validation_split or GLUE_VALIDATION.get(columns.glue, "validation")
+    validation, val_source, _ = load_split(cfg.data, validation_split, columns)
+    glue_labels = GLUE_TASKS.get(columns.glue, (None, None, ()))[2]
+    kind = cfg.task or (REGRESSION if columns.glue and glue_labels is None else None)
+    task = infer_task(train["label"], source, columns.label, kind, cfg.labels or declared or glue_labels or None,
+                      cfg.threshold)
+    n = min(cfg.max_train_samples or len(train), len(train))
+    train = train.sample(n=n, random_state=cfg.seed).reset_index(drop=True)
+    try:
+        encoded = [task.encode(frame["label"], src, columns.label) for frame, src in ((train, source),
+                                                                                     (validation, val_source))]
+    except LabelError as e:
+        raise LabelError(f"{e}; the labels come from the training split ({source}) or --labels") from None
+    train, validation = (frame.assign(label=list(y) if y.ndim > 1 else y) for frame, y in zip((train, validation),
+                                                                                            encoded))
+    return train, validation, task
 
 
 def to_ray_datasets(train: pd.DataFrame, validation: pd.DataFrame, model: str, max_length: int,
                     num_blocks: int = 16) -> dict:
-    """Ray Datasets for the trainer, tokenized once: a Ray Data stage on CPU turns `sentence` into
-    `input_ids`, materialized before training, so every epoch (and every trial of a sweep) reads token
-    ids and no worker tokenizes in its step. Validation rows carry their position so workers split it exactly."""
+    """Ray Datasets for the trainer, tokenized once: a Ray Data stage on CPU turns `sentence` (and
+    `sentence_pair`) into `input_ids` (and `token_type_ids`), materialized before training, so every epoch
+    (and every trial of a sweep) reads token ids and no worker tokenizes in its step. Validation rows carry
+    their position so workers split it exactly."""
     import ray.data
 
     from raysst.models import load_tokenizer
 
+    tokenizer = load_tokenizer(model)
     # The tokenizer travels as its JSON (no files needed on the node that tokenizes).
-    tokenize = {"tokenizer_json": load_tokenizer(model).backend_tokenizer.to_str(), "max_length": max_length}
+    tokenize = {"tokenizer_json": tokenizer.backend_tokenizer.to_str(), "max_length": max_length,
+                "type_ids": PAIR in train.columns and "token_type_ids" in tokenizer.model_input_names}
     stage = {"batch_format": "pyarrow", "batch_size": 4096}
     validation = validation.assign(row=np.arange(len(validation)))
     # Sorted by length: a validation batch pads to its longest row, and in file order that is twice the mean.
-    validation = validation.iloc[np.argsort(validation["sentence"].str.len().to_numpy(), kind="stable")]
+    length = validation[TEXT].str.len() + (validation[PAIR].str.len() if PAIR in validation else 0)
+    validation = validation.iloc[np.argsort(length.to_numpy(), kind="stable")]
     train_ds = ray.data.from_pandas([train.iloc[part] for part in
                                      np.array_split(np.arange(len(train)), min(num_blocks, len(train)))])
     validation_ds = ray.data.from_pandas(validation).map_batches(
         tokenize_rows, fn_kwargs={**tokenize, "mark_truncated": True}, **stage)  # the report counts them
     return {"train": train_ds.map_batches(tokenize_rows, fn_kwargs=tokenize, **stage).materialize(),
             "validation": validation_ds.materialize()}
-
-
-@functools.lru_cache(maxsize=4)
-def rust_tokenizer(tokenizer_json: str, max_length: int):
-    """The Rust tokenizer behind a fast HF tokenizer, truncating at `max_length` and never padding (its
-    JSON may carry padding and truncation settings of its own; the HF wrapper overrides them per call)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    tokenizer.enable_truncation(max_length)
-    tokenizer.no_padding()
-    return tokenizer
-
-
-def tokenize_rows(batch: pa.Table, tokenizer_json: str, max_length: int, mark_truncated: bool = False) -> pa.Table:
-    """Ray Data stage: the `sentence` column becomes `input_ids` (a list of int32 per row, special tokens
-    included), the same ids as `tokenizer(texts, truncation=True, max_length=max_length)`; with
-    `mark_truncated`, also a `truncated` column: the rows cut at `max_length`."""
-    encodings = rust_tokenizer(tokenizer_json, max_length).encode_batch_fast(batch.column("sentence").to_pylist())
-    ids = pa.array([e.ids for e in encodings], pa.list_(pa.int32()))
-    batch = batch.drop_columns(["sentence"]).append_column("input_ids", ids)
-    if mark_truncated:
-        batch = batch.append_column("truncated", pa.array([bool(e.overflowing) for e in encodings]))
-    return batch
-
-
-def pad_ids(seqs, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token id sequences right-padded to the longest one, and the mask of real tokens (both (rows, width))."""
-    lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
-    mask = np.arange(lengths.max()) < lengths[:, None]
-    ids = np.full(mask.shape, pad_id, np.int64)
-    ids[mask] = np.concatenate(seqs)  # row-major: each row's tokens land in its own leading positions
-    return ids, mask
-
-
-def model_inputs(seqs, pad_id: int, labels=None) -> dict:
-    """A padded batch as the model's tensors (`labels` too where given)."""
-    import torch  # here, not at the top: the tokenizing stage's Ray workers need none of it
-
-    ids, mask = pad_ids(seqs, pad_id)
-    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
-    if labels is not None:
-        batch["labels"] = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    return batch
-
-
-def length_grouped_batches(input_ids, labels, pad_id: int, batch_size: int, rng: np.random.Generator,
-                           group_by_length: bool = True) -> Iterator[dict]:
-    """Split a pool of tokenized examples into batches of similar length, yielded in random order.
-
-    Sorting inside a pool of many batches cuts padding (SST-2 phrases run from 2 to 60 tokens);
-    shuffling the batches keeps the gradient noise of random order.
-    """
-    labels = np.asarray(labels)
-    order = np.arange(len(input_ids))
-    if group_by_length:
-        order = np.argsort(np.fromiter(map(len, input_ids), np.int64, len(input_ids)), kind="stable")
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    rng.shuffle(chunks)
-    for idx in chunks:
-        yield model_inputs([input_ids[i] for i in idx], pad_id, labels[idx])
-
-
-def epoch_batches(train_shard, cfg: Config, per_worker: int, epoch: int, rank: int, pad_id: int) -> Iterator[dict]:
-    """This worker's batches of one epoch: its shard's token ids shuffled in pools of 64 batches (seeded by
-    run, epoch and rank), each pool grouped by length into padded batches."""
-    rng = np.random.default_rng([cfg.seed, epoch, rank])
-    pool = per_worker * (64 if cfg.group_by_length else 1)
-    ids, labels = np.empty(0, object), np.empty(0, np.int64)
-    for chunk in train_shard.iter_batches(batch_size=pool, batch_format="numpy", local_shuffle_buffer_size=pool,
-                                          local_shuffle_seed=cfg.seed * 1000 + epoch):
-        # Pools come short at block boundaries: only whole batches leave, the rest joins the next pool, so
-        # every worker steps ceil(rows / per_worker) times and no DDP collective waits for a partner.
-        ids, labels = np.concatenate([ids, as_rows(chunk["input_ids"])]), np.concatenate([labels, chunk["label"]])
-        whole = len(ids) - len(ids) % per_worker
-        yield from length_grouped_batches(ids[:whole], labels[:whole], pad_id, per_worker, rng, cfg.group_by_length)
-        ids, labels = ids[whole:], labels[whole:]
-    if len(ids):
-        yield from length_grouped_batches(ids, labels, pad_id, per_worker, rng, cfg.group_by_length)
-
-
-def as_rows(column) -> np.ndarray:
-    """A batch's token-id column as a 1-D array of per-row arrays (a pool of equal lengths may come as 2-D)."""
-    rows = np.empty(len(column), object)
-    for i, row in enumerate(column):
-        rows[i] = row
-    return rows

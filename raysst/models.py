@@ -6,11 +6,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from raysst.config import LABEL_NAMES, PACKAGED_MINILM
+from raysst.config import PACKAGED_MINILM
 from raysst.storage import filesystem
-
-ID2LABEL = dict(LABEL_NAMES)
-LABEL2ID = {v: k for k, v in ID2LABEL.items()}
+from raysst.task import Task
 
 
 def resolve_model(name: str) -> str:
@@ -76,15 +74,31 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(resolve_model(name))
 
 
-def load_classifier(name: str, dtype=None):
-    """A two-label sequence classifier (negative/positive), from a classifier or a bare encoder."""
+def load_classifier(name: str, dtype=None, task: Optional[Task] = None):
+    """A sequence classifier as saved, or, with `task`, with that task's head and labels (from a bare
+    encoder, or from a classifier of other labels, whose head is then new)."""
     from transformers import AutoModelForSequenceClassification, logging as hf_logging
 
     hf_logging.set_verbosity_error()  # a bare encoder has no head yet: that is expected, not news
     hf_logging.disable_progress_bar()
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    return AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(name), num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID, **kwargs)
+    if task is not None:
+        kwargs.update(task.hf_config(), ignore_mismatched_sizes=True)
+    return AutoModelForSequenceClassification.from_pretrained(resolve_model(name), **kwargs)
+
+
+def model_task(config, kind: Optional[str] = None, labels: Optional[list] = None, threshold: float = 0.5) -> Task:
+    """The task of a checkpoint's config, with `kind` and `labels` (--task, --labels) overriding what it says:
+    a checkpoint from elsewhere may name its labels LABEL_0, LABEL_1 or leave out its problem type."""
+    task = Task.from_hf_config(config, threshold)
+    if kind:
+        task = Task(kind, task.labels if kind != "regression" else ("value",), threshold)
+    if labels:
+        if len(labels) != config.num_labels:
+            raise ValueError(f"--labels names {len(labels)} labels ({', '.join(labels)}), but the model has "
+                             f"{config.num_labels} outputs ({', '.join(map(str, task.labels))})")
+        task = Task(task.kind, tuple(labels), threshold)
+    return task
 
 
 def set_dropout(model, rate: Optional[float]) -> None:
@@ -99,14 +113,14 @@ def set_dropout(model, rate: Optional[float]) -> None:
             module.p = rate
 
 
-def make_random_model(directory: str, tokenizer_from: str = PACKAGED_MINILM, **bert_config) -> str:
-    """Save a randomly initialised BERT classifier with a real tokenizer (tests, speed benchmarks).
-
-    With no overrides the shape is bert-base-uncased's; its speed is real, its accuracy is not.
-    """
+def make_random_model(directory: str, tokenizer_from: str = PACKAGED_MINILM, task: Task = Task(),
+                      **bert_config) -> str:
+    """Save a randomly initialised BERT classifier for `task` (default: negative/positive) with a real
+    tokenizer (tests, speed benchmarks). With no overrides the shape is bert-base-uncased's; its speed is
+    real, its accuracy is not."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID, **bert_config)
+    config = BertConfig(**task.hf_config(), **bert_config)
     BertForSequenceClassification(config).save_pretrained(directory)
     load_tokenizer(tokenizer_from).save_pretrained(directory)
     return directory

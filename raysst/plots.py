@@ -25,19 +25,21 @@ def _short(title: str, width: int = 48) -> str:
 
 
 def plot_confusion(confusion: dict, path: Path, title: str = "") -> Path:
-    """Counts, and each row's share of its gold class, in a 2x2 grid; darker is more rows."""
+    """Counts, and each row's share of its gold class, in an N x N grid; darker is more rows."""
     import numpy as np
 
     matrix = np.asarray(confusion["matrix"])
     labels = confusion["labels"]
-    fig, ax = _figure(4.6, 4.0)
+    side = max(4.0, 0.7 * len(labels) + 2)
+    fig, ax = _figure(side + 0.6, side)
     ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, matrix.max()))
     shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     for (g, p), count in np.ndenumerate(matrix):
         dark = count > matrix.max() / 2
-        ax.text(p, g, f"{count}\n{shares[g, p]:.1%} of gold", ha="center", va="center", fontsize=11,
-                color="white" if dark else "black")
-    ax.set_xticks(range(len(labels)), labels)
+        ax.text(p, g, f"{count}\n{shares[g, p]:.1%}" + (" of gold" if len(labels) <= 3 else ""), ha="center",
+                va="center", fontsize=11 if len(labels) <= 4 else 7, color="white" if dark else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 4 else 0, ha="right" if len(labels) > 4
+                  else "center")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
@@ -91,22 +93,52 @@ def plot_accuracy_by_length(by_length: dict, overall: float, path: Path, title: 
     return Path(path)
 
 
-def plot_training_curves(history: list, path: Path, title: str = "") -> Path:
-    """Training and validation loss, and validation accuracy, per epoch (from metrics.json's `epochs`)."""
+def plot_per_label(per_label: dict, path: Path, title: str = "") -> Path:
+    """Multi-label: F1 per label, with its support under the name."""
+    names = list(per_label)
+    fig, ax = _figure(max(5.0, 0.5 * len(names) + 2), 3.8)
+    ax.bar(range(len(names)), [per_label[n]["f1"] for n in names], color="tab:blue", edgecolor="black")
+    ax.set_xticks(range(len(names)), [f"{n}\nn={per_label[n]['support']}" for n in names], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("F1")
+    ax.set_title(f"F1 per label\n{_short(title)}", fontsize=10)
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_scatter(points: dict, report: dict, path: Path, title: str = "") -> Path:
+    """Regression: predicted against gold values, with the diagonal and the correlations."""
+    fig, ax = _figure(4.8, 4.4)
+    ax.scatter(points["gold"], points["predicted"], s=8, alpha=0.5)
+    lo, hi = report["gold_range"]
+    ax.plot([lo, hi], [lo, hi], "--", color="gray", label="predicted = gold")
+    ax.set_xlabel("gold")
+    ax.set_ylabel("predicted")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Pearson {report['pearson']:.3f}, Spearman {report['spearman']:.3f}\n{_short(title)}",
+                 fontsize=10)
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_training_curves(history: list, path: Path, title: str = "", metric: str = "accuracy") -> Path:
+    """Training and validation loss, and the validation metric, per epoch (from metrics.json's `epochs`)."""
+    from raysst.task import best_row
+
     epochs = [row["epoch"] for row in history]
     fig, (loss, acc) = _figure(8.0, 3.6, ncols=2)
     loss.plot(epochs, [row["train_loss"] for row in history], "o-", label="training loss")
     loss.plot(epochs, [row["eval_loss"] for row in history], "s-", label="validation loss")
     loss.set_xlabel("epoch")
-    loss.set_ylabel("cross-entropy loss")
+    loss.set_ylabel("loss")
     loss.legend(fontsize=8)
-    acc.plot(epochs, [row["accuracy"] for row in history], "o-", color="tab:green")
-    best = max(history, key=lambda row: row["accuracy"])  # the epoch export_run keeps
-    acc.plot([best["epoch"]], [best["accuracy"]], "*", ms=14, color="tab:orange",
+    acc.plot(epochs, [row[metric] for row in history], "o-", color="tab:green")
+    best = best_row(history, metric)  # the epoch export_run keeps
+    acc.plot([best["epoch"]], [best[metric]], "*", ms=14, color="tab:orange",
              label=f"best, exported: epoch {best['epoch']}")
     acc.legend(fontsize=8)
     acc.set_xlabel("epoch")
-    acc.set_ylabel("validation accuracy")
+    acc.set_ylabel(f"validation {metric}")
     for ax in (loss, acc):
         ax.set_xticks(epochs)
         ax.grid(alpha=0.3)

@@ -8,8 +8,21 @@ import posixpath
 from raysst.storage import local_dir
 
 FIGURES = {"confusion": "confusion_matrix.png", "reliability": "reliability_diagram.png",
-           "length": "accuracy_by_length.png"}
+           "length": "accuracy_by_length.png", "per_label": "per_label_f1.png", "scatter": "scatter.png"}
+ALT = {"confusion": "Confusion matrix", "reliability": "Reliability diagram", "length": "Accuracy by length",
+       "per_label": "Per-label F1", "scatter": "Predicted against gold"}
+FIGURES_BY_KIND = {"single": ("confusion", "reliability", "length"), "multi-label": ("per_label",),
+                   "regression": ("scatter",)}
 CURVES = "training_curves.png"
+
+
+def figures_for(report: dict) -> dict:
+    """The figures of a report's task kind, {kind: file name}."""
+    return {k: FIGURES[k] for k in FIGURES_BY_KIND[report.get("task", {}).get("kind", "single")]}
+
+
+def _kind(report: dict) -> str:
+    return report.get("task", {}).get("kind", "single")
 
 
 def _pct(x) -> str:
@@ -32,27 +45,33 @@ def _table(header: list, rows: list, left: int = 1) -> str:
 
 def report_markdown(report: dict, figures: dict = FIGURES) -> str:
     """report.md: every figure of report.json next to its picture, readable without the JSON."""
-    rows, cal, cm = report.get("rows", {}), report["calibration"], report["confusion_matrix"]
+    rows = report.get("rows", {})
     not_scored = ", ".join(f"{n} {s}" for s, n in rows.get("not_scored", {}).items()) or "none"
-    names = cm["labels"]
-    mistakes = report["most_confident_mistakes"]
-    parts = [
+    task = report.get("task", {"kind": "single"})
+    head = [
         f"# Evaluation of `{report.get('model', 'model')}`",
-        f"Data: `{report.get('data', '?')}`, gold labels from column `{report.get('label_column', 'label')}`. "
-        f"{report['n']} rows evaluated"
+        f"Data: `{report.get('data', '?')}`, gold labels from column `{report.get('label_column', 'label')}`; "
+        f"task: {task['kind']}" + (f" ({', '.join(map(str, task['labels']))})" if task["kind"] != "regression"
+                                   else "") + f". {report['n']} rows evaluated"
         + (f" of {rows['total']}; not scored: {not_scored}; truncated to the maximum sequence length "
            f"(scored on their start): {rows['truncated']}." if rows else ".")
         + (f" Scores computed in {report['precision']}." if "precision" in report else ""),
-        "## Summary",
+        "## Summary"]
+    body = {"single": _single_md, "multi-label": _multi_md, "regression": _regression_md}[task["kind"]]
+    return "\n\n".join(head + body(report, figures)) + "\n"
+
+
+def _single_md(report: dict, figures: dict) -> list:
+    cal, cm, mistakes = report["calibration"], report["confusion_matrix"], report["most_confident_mistakes"]
+    names = cm["labels"]
+    return [
         _table(["Metric", "Value"], [
             ["Accuracy", f"{report['accuracy']:.4f} (95% CI {_ci(report['accuracy_ci95'])}, Wilson score)"],
             ["Macro F1", f"{report['macro_f1']:.4f}"],
             [f"Expected calibration error ({cal['n_bins']} bins)", f"{cal['ece']:.4f}"],
             ["Brier score", f"{cal['brier']:.4f}"]]),
         "## Per class",
-        _table(["Class", "Precision", "Recall", "F1", "Support"],
-               [[n, f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", c["support"]]
-                for n, c in report["per_class"].items()]),
+        _per_label_table(report["per_class"], "Class"),
         "## Confusion matrix",
         "Rows are the gold labels, columns the predictions.",
         _table(["gold \\ predicted", *names], [[g, *row] for g, row in zip(names, cm["matrix"])]),
@@ -61,7 +80,8 @@ def report_markdown(report: dict, figures: dict = FIGURES) -> str:
         "Confidence is the probability the model gives its predicted label. The expected calibration error "
         f"is the row-weighted mean gap between accuracy and mean confidence over {cal['n_bins']} equal-width "
         "confidence bins (0 is perfectly calibrated). The Brier score is the mean squared difference between "
-        "the probability of `positive` and the gold label (0 or 1): 0 is perfect, 0.25 is a constant 0.5.",
+        "the class probabilities and the one-hot gold label, over rows and classes (with two classes, that of "
+        "one class's probability against 0 or 1): 0 is perfect, 0.25 is a constant 0.5 on two classes.",
         _table(["Confidence", "Rows", "Accuracy", "Mean confidence", "Gap"],
                [[f"({b['lo']:.1f}, {b['hi']:.1f}]", b["count"], _pct(b["accuracy"]), _pct(b["confidence"]),
                  f"{b['confidence'] - b['accuracy']:+.4f}"] for b in cal["bins"] if b["count"]]),
@@ -77,13 +97,50 @@ def report_markdown(report: dict, figures: dict = FIGURES) -> str:
                [[i + 1, _cell(m["text"]), m["gold"], m["predicted"], f"{m['confidence']:.4f}"]
                 for i, m in enumerate(mistakes)], left=4) if mistakes else "No mistakes.",
     ]
-    return "\n\n".join(parts) + "\n"
+
+
+def _multi_md(report: dict, figures: dict) -> list:
+    per_row = report["labels_per_row"]
+    return [
+        _table(["Metric", "Value"], [
+            [f"Micro F1 (threshold {report['threshold']:g})", f"{report['micro_f1']:.4f}"],
+            ["Macro F1", f"{report['macro_f1']:.4f}"],
+            ["Subset accuracy (every label right)", f"{report['subset_accuracy']:.4f}"],
+            ["Labels per row, gold / predicted", f"{per_row['gold']:.2f} / {per_row['predicted']:.2f}"]]),
+        "## Per label", _per_label_table(report["per_label"], "Label"),
+        f"![Per-label F1]({figures['per_label']})"]
+
+
+def _regression_md(report: dict, figures: dict) -> list:
+    worst = report["largest_errors"]
+    return [
+        _table(["Metric", "Value"], [[m.capitalize() if m in ("pearson", "spearman") else m.upper(),
+                                      f"{report[m]:.4f}"] for m in ("pearson", "spearman", "mse", "mae")]),
+        f"Gold values range from {report['gold_range'][0]:g} to {report['gold_range'][1]:g}.",
+        f"![Predicted against gold]({figures['scatter']})",
+        f"## The {len(worst)} largest errors",
+        _table(["#", "Text", "Gold", "Predicted", "Error"],
+               [[i + 1, _cell(m["text"]), f"{m['gold']:.4g}", f"{m['predicted']:.4g}", f"{m['error']:.4g}"]
+                for i, m in enumerate(worst)], left=2)]
+
+
+def _per_label_table(per: dict, what: str) -> str:
+    return _table([what, "Precision", "Recall", "F1", "Support"],
+                  [[n, f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", c["support"]]
+                   for n, c in per.items()])
 
 
 def summary(report: dict) -> dict:
     """The headline figures of one report, flat, for side-by-side tables."""
-    row = {"rows evaluated": report["n"], "accuracy": report["accuracy"],
-           "accuracy 95% CI": report["accuracy_ci95"], "macro F1": report["macro_f1"]}
+    kind = _kind(report)
+    row = {"rows evaluated": report["n"]}
+    if kind == "regression":
+        return {**row, **{m: report[m] for m in ("pearson", "spearman", "mse", "mae")}}
+    if kind == "multi-label":
+        row.update({m: report[m] for m in ("micro_f1", "macro_f1", "subset_accuracy")})
+        return {**row, **{f"f1 {n}": c["f1"] for n, c in report["per_label"].items()}}
+    row.update({"accuracy": report["accuracy"], "accuracy 95% CI": report["accuracy_ci95"],
+                "macro F1": report["macro_f1"]})
     for name, c in report["per_class"].items():
         row.update({f"{m} {name}": c[m] for m in ("precision", "recall", "f1")})
     row.update({"ECE (lower is better)": report["calibration"]["ece"],
@@ -119,20 +176,28 @@ def write_comparison(reports: dict, out_dir: str) -> str:
 
 def card_section(report: dict, eval_dir: str = "eval") -> str:
     """The model card's evaluation section, with links relative to the model directory."""
-    cal = report["calibration"]
     link = lambda name: posixpath.join(eval_dir, name)  # noqa: E731
+    kind = _kind(report)
+    if kind == "single":
+        cal = report["calibration"]
+        line = (f"accuracy **{report['accuracy']:.2%}** (95% CI {report['accuracy_ci95'][0]:.2%} to "
+                f"{report['accuracy_ci95'][1]:.2%}), macro F1 {report['macro_f1']:.4f},\nexpected calibration "
+                f"error {cal['ece']:.4f} ({cal['n_bins']} bins), Brier score {cal['brier']:.4f}.\nPer-class scores, "
+                "the confusion matrix, calibration, accuracy by length and the most confident mistakes are in")
+    elif kind == "multi-label":
+        line = (f"micro F1 **{report['micro_f1']:.4f}**, macro F1 {report['macro_f1']:.4f} at threshold "
+                f"{report['threshold']:g}, subset accuracy {report['subset_accuracy']:.4f}.\nPer-label scores are in")
+    else:
+        line = (f"Pearson **{report['pearson']:.4f}**, Spearman {report['spearman']:.4f}, MSE {report['mse']:.4g}, "
+                f"MAE {report['mae']:.4g}.\nThe scatter plot and the largest errors are in")
+    pictures = "\n".join(f"![{ALT[k]}]({link(name)})" for k, name in figures_for(report).items())
     return f"""## Evaluation report
 
-On the validation set ({report['n']} sentences): accuracy **{report['accuracy']:.2%}**
-(95% CI {report['accuracy_ci95'][0]:.2%} to {report['accuracy_ci95'][1]:.2%}), macro F1 {report['macro_f1']:.4f},
-expected calibration error {cal['ece']:.4f} ({cal['n_bins']} bins), Brier score {cal['brier']:.4f}.
-Per-class scores, calibration, accuracy by length and the most confident mistakes are in
+On the validation set ({report['n']} rows): {line}
 [{link('report.md')}]({link('report.md')}); the figures as JSON in [{link('report.json')}]({link('report.json')}).
 
 ![Training curves]({link(CURVES)})
-![Confusion matrix]({link(FIGURES['confusion'])})
-![Reliability diagram]({link(FIGURES['reliability'])})
-![Accuracy by length]({link(FIGURES['length'])})
+{pictures}
 """
 
 

@@ -21,12 +21,12 @@ from collections import Counter
 from raysst.capacity import CapacityError, wait_for_capacity
 from raysst.chunks import Chunk
 from raysst.config import Config, expand_path
-from raysst.config import LABEL_NAMES
 from raysst.formats import DataError, UnreadableFile
 from raysst.score_plan import (calibration_texts, check_plan_file, committed_parts, count_parts, plan,
                                remove_temporaries)
 from raysst.score_workers import CHUNKS_IN_ACTOR, STAGES, STATUSES, TMP_PREFIX, ChunkScorer, add_counts
 from raysst.storage import filesystem, write_text
+from raysst.task import Task
 
 SUMMARY_FILE = "_summary.json"
 PROGRESS_EVERY_S = 10.0
@@ -48,7 +48,7 @@ def model_actors(cfg: Config) -> int:
     return int(have["GPU"])
 
 
-def build_pipeline(todo: list[Chunk], cfg: Config, model: str, output: str, calibration: list[str]):
+def build_pipeline(todo: list[Chunk], cfg: Config, model: str, output: str, calibration: list[str], task: Task):
     """One row per chunk through an actor pool; each call scores and writes its chunk (see score_workers)."""
     import ray.data
 
@@ -60,8 +60,8 @@ def build_pipeline(todo: list[Chunk], cfg: Config, model: str, output: str, cali
                                            enable_true_multi_threading=True),
         fn_constructor_kwargs={"model": model, "use_gpu": cfg.compute_on_gpu, "precision": cfg.precision,
                                "batch_size": cfg.eval_batch_size, "threads": cfg.cpus_per_worker,
-                               "max_length": cfg.max_seq_length, "output": output,
-                               "calibration": tuple(calibration)},
+                               "max_length": cfg.max_seq_length, "output": output, "task": task.to_dict(),
+                               "pair_column": cfg.text_pair_column, "calibration": tuple(calibration)},
         num_cpus=1 if cfg.use_gpu else cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)
 
 
@@ -69,17 +69,21 @@ def score_driver_fn(cfg: Config) -> dict:
     """Score `cfg.input` into parquet parts under `cfg.output`, resuming committed chunks; returns the summary."""
     import ray
 
-    from raysst.models import precision_name, resolve_model
+    from transformers import AutoConfig
+
+    from raysst.models import model_task, precision_name, resolve_model
     from raysst.runtime import init_ray
 
     t0 = time.perf_counter()
     if not cfg.input or not cfg.output:
         raise ValueError("score needs an input (--input FILE|DIR|GLOB|URI) and an output (--output DIR|URI)")
     output = expand_path(cfg.output).rstrip("/")
+    model = resolve_model(cfg.model)
+    # The model's task (labels, kind, output columns), read from its config.json before any actor starts.
+    task = model_task(AutoConfig.from_pretrained(model), cfg.task, cfg.labels, cfg.threshold)
     todo, done, skipped, ignored, decoded, chunk_rows = plan(cfg, output)
     cfg = cfg.replace(chunk_rows=chunk_rows)
-    model = resolve_model(cfg.model)
-    per_file: dict[str, Counter] = {rel: count_parts(parts) for rel, parts in done.items()}
+    per_file: dict[str, Counter] = {rel: count_parts(parts, task) for rel, parts in done.items()}
     n_resumed = sum(map(len, done.values()))
     if done:
         print(f"[raysst] score: resuming; {n_resumed} chunks of {len(done)} files are already scored, "
@@ -97,7 +101,7 @@ def score_driver_fn(cfg: Config) -> dict:
     scored = Counter()
     if todo:
         calibration = calibration_texts(output, todo) if cfg.precision == "int8" else []
-        scored = _run(build_pipeline(todo, cfg, model, output, calibration), todo, per_file, skipped,
+        scored = _run(build_pipeline(todo, cfg, model, output, calibration, task), todo, per_file, skipped,
                       cfg.on_bad_file == "fail", t0)
     remove_temporaries(output)  # an actor lost mid-write (its node gone) leaves one; its chunk was redone
     failed = {s.pop("rel") for s in skipped if "rel" in s}
@@ -115,7 +119,9 @@ def score_driver_fn(cfg: Config) -> dict:
         "model": cfg.model, "input": cfg.input, "output": output,
         "rows_in": totals["rows"], "rows_out": totals["rows"], "rows_scored_this_run": scored["rows"],
         "status_counts": {s: totals[("status", s)] for s in STATUSES},
-        "label_counts": {k: totals[("label", k)] for k in (*LABEL_NAMES.values(), "null")},
+        "task": task.to_dict(), "output_columns": list(task.output_columns()),
+        "label_counts": {k: totals[("label", k)] for k in (*task.labels, "null")} if task.kind != "regression"
+        else {},
         "files_read": len(files_read), "files_resumed": len(done), "files_skipped": skipped,
         "files_ignored": ignored, "files_decoded": decoded,
         "chunks": {"rows_per_chunk": cfg.chunk_rows, "resumed": n_resumed, "scored_this_run": scored["chunks"]},

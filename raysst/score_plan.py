@@ -11,6 +11,7 @@ from raysst.config import Config
 from raysst.corpus import list_input_files, scan_file
 from raysst.formats import UnreadableFile
 from raysst.score_workers import TMP_PREFIX, add_counts, count_statuses, text_status
+from raysst.task import Task
 from raysst.storage import filesystem, read_text, write_text
 
 PLAN_FILE = "_plan.json"  # the chunk size the parts were cut with: a rerun must cut the same chunks
@@ -56,7 +57,7 @@ def plan(cfg: Config, output: str) -> tuple[list[Chunk], dict, list[dict], list[
             skipped.append({"file": f.path, "error": str(e)})
 
     def scan(f):
-        return scan_layout(scan_file(f, cfg.text_column, cfg.id_column), rows or GRAIN)
+        return scan_layout(scan_file(f, cfg.text_column, cfg.id_column, cfg.text_pair_column), rows or GRAIN)
 
     layouts = [layout for layout in (unless_unreadable(f, scan, f) for f in files) if layout]
     rows = rows or auto_chunk_rows(sum(layout.rows for layout in layouts))
@@ -115,15 +116,16 @@ def calibration_texts(output: str, todo: list[Chunk], limit: int = CALIBRATION_T
     return texts
 
 
-def count_parts(parts: dict) -> Counter:
+def count_parts(parts: dict, task: Task) -> Counter:
     """Rows, statuses and labels of a file's committed parts (one part in memory at a time)."""
     import pyarrow.parquet as pq
 
     totals: Counter = Counter()
+    columns = [c for c in ("label", "labels") if c in task.output_columns()]
     for path in parts.values():
         fs, p = filesystem(path)
-        table = pq.read_table(p, columns=["status", "label"], filesystem=fs)
-        add_counts(totals, {**count_statuses(table), "rows": table.num_rows})
+        table = pq.read_table(p, columns=["status", *columns], filesystem=fs)
+        add_counts(totals, {**count_statuses(table, task), "rows": table.num_rows})
     return totals
 
 

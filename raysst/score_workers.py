@@ -19,14 +19,13 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
+from raysst.batching import encode_texts, model_inputs
 from raysst.chunks import Chunk, read_chunk
-from raysst.formats import UnreadableFile, is_missing
-from raysst.config import LABEL_NAMES
-from raysst.data import model_inputs
+from raysst.formats import UnreadableFile, is_missing, text_values
 from raysst.storage import filesystem
+from raysst.task import MULTI, SINGLE, Task
 
 STATUSES = ("ok", "null_input", "empty_input", "non_string_input", "truncated")
-OUTPUT_COLUMNS = ("label", "score", "prob_positive", "status")
 STAGES = ("read", "tokenize", "model", "write")
 TMP_PREFIX = "_tmp-"
 CHUNKS_IN_ACTOR = 2
@@ -41,7 +40,7 @@ class ChunkScorer:
     """Model stage (Ray Data actor, one per GPU or per `cpus_per_worker` CPUs): loads the model once."""
 
     def __init__(self, model: str, use_gpu: bool, precision: str, batch_size: int, threads: int, max_length: int,
-                 output: str, calibration: tuple = ()):
+                 output: str, task: dict, pair_column: Optional[str] = None, calibration: tuple = ()):
         import torch
 
         from raysst.data import rust_tokenizer
@@ -55,6 +54,8 @@ class ChunkScorer:
             raise ValueError(f"{model}: scoring needs a fast (Rust) tokenizer; this model has a Python one only")
         self.backend = rust_tokenizer(tokenizer.backend_tokenizer.to_str(), max_length)
         self.pad_id = tokenizer.pad_token_id or 0
+        self.task, self.pair_column = Task.from_dict(task), pair_column
+        self.type_ids = pair_column is not None and "token_type_ids" in tokenizer.model_input_names
         calibration_inputs = self.calibration_batches(list(calibration), batch_size)
         self.model = load_for_inference(model, use_gpu, precision, calibration_inputs)
         self.batch_size, self.output = batch_size, output
@@ -72,55 +73,67 @@ class ChunkScorer:
             return _stats(c, 0, {}, {}, "", took, str(e))
         took["read"], t = time.perf_counter() - t, time.perf_counter()
         texts, status = zip(*map(text_status, values)) if values else ((), ())
-        flat, lengths, status = self.tokenize(list(texts), list(status))
+        pairs = None
+        if self.pair_column:  # a row scores only when both its texts do
+            pairs, pair_status = zip(*map(text_status, text_values(table.column(self.pair_column)))) if values \
+                else ((), ())
+            status = [s if s != "ok" else p for s, p in zip(status, pair_status)]
+        flat, types, lengths, status = self.tokenize(list(texts), list(status), pairs)
         took["tokenize"], t = time.perf_counter() - t, time.perf_counter()
         with self.model_lock:
-            probs = self.probabilities(flat, lengths)
+            outputs = self.outputs(flat, types, lengths)
         took["model"], t = time.perf_counter() - t, time.perf_counter()
-        scored = with_scores(table, probs, status)
+        scored = with_scores(table, outputs, status, self.task)
         write_part(scored, f"{self.output}/{c.file.rel}/{part_name(c.index)}")
         took["write"] = time.perf_counter() - t
-        counts = count_statuses(scored)
+        counts = count_statuses(scored, self.task)
         return _stats(c, scored.num_rows, counts["status"], counts["label"], self.device_name, took, None)
 
-    def tokenize(self, texts: list, status: list) -> tuple[np.ndarray, np.ndarray, list]:
-        """Token ids of the rows to score, flat, and each row's length (0 for the others); `truncated` where
-        the text was cut. The Rust tokenizer is called directly (the transformers wrapper costs ~40% more),
-        without offsets (`encode_batch_fast`, a third faster), and a slice at a time: its per-row Encoding
-        objects are large, and a whole chunk of them would set the actor's peak memory."""
+    def tokenize(self, texts: list, status: list, pairs: Optional[list] = None) -> tuple:
+        """Token ids of the rows to score, flat, their segment ids (pairs, else None), and each row's length (0
+        for the others); `truncated` where a text was cut. The Rust tokenizer is called directly (the
+        transformers wrapper costs ~40% more), without offsets (`encode_batch_fast`, a third faster), and a
+        slice at a time: its per-row Encoding objects are large, and a whole chunk of them would set the
+        actor's peak memory."""
         todo = [i for i, s in enumerate(status) if s == "ok"]
-        lengths, flat = np.zeros(len(status), np.int64), []
+        lengths, flat, types = np.zeros(len(status), np.int64), [], []
         for start in range(0, len(todo), TOKENIZE_SLICE):
             rows = todo[start:start + TOKENIZE_SLICE]
-            encodings = self.backend.encode_batch_fast([texts[i] for i in rows])
+            encodings = encode_texts(self.backend, [texts[i] for i in rows],
+                                     [pairs[i] for i in rows] if pairs is not None else None)
             lengths[rows] = [len(e.ids) for e in encodings]
             for i, e in zip(rows, encodings):
                 if e.overflowing:  # what did not fit in max_length
                     status[i] = "truncated"
             flat.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int64))
-        return (np.concatenate(flat) if flat else np.zeros(0, np.int64)), lengths, status
+            if self.type_ids:
+                types.append(np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encodings), np.int64))
+        joined = [np.concatenate(x) if x else np.zeros(0, np.int64) for x in (flat, types)]
+        return joined[0], (joined[1] if self.type_ids else None), lengths, status
 
     def calibration_batches(self, texts: list, batch_size: int) -> list[dict]:
         """Model inputs for int8's calibration texts, grouped by length (none for other precisions)."""
         ids = sorted((np.array(e.ids) for e in self.backend.encode_batch_fast(texts)), key=len)
         return [model_inputs(ids[i:i + batch_size], self.pad_id) for i in range(0, len(ids), batch_size)]
 
-    def probabilities(self, flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """(rows, 2) class probabilities; NaN for rows without tokens."""
+    def outputs(self, flat: np.ndarray, types: Optional[np.ndarray], lengths: np.ndarray) -> np.ndarray:
+        """(rows, num_labels) outputs of the task (raysst.task); NaN for rows without tokens."""
         import torch
 
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        probs = np.full((len(lengths), 2), np.nan, np.float32)
+        outputs = np.full((len(lengths), self.task.num_labels), np.nan, np.float32)
         todo = np.flatnonzero(lengths)
         # Similar lengths in one micro-batch: padding to the longest then costs little.
         order = todo[np.argsort(lengths[todo], kind="stable")]
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                batch = model_inputs([flat[offsets[i]:offsets[i] + lengths[i]] for i in idx], self.pad_id)
+                cut = [slice(offsets[i], offsets[i] + lengths[i]) for i in idx]
+                batch = model_inputs([flat[c] for c in cut], self.pad_id,
+                                     type_ids=None if types is None else [types[c] for c in cut])
                 logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits
-                probs[idx] = logits.float().softmax(-1).cpu().numpy()
-        return probs
+                outputs[idx] = self.task.outputs(logits).cpu().numpy()
+        return outputs
 
 
 def text_status(value) -> tuple[Optional[str], str]:
@@ -132,22 +145,21 @@ def text_status(value) -> tuple[Optional[str], str]:
     return (value, "ok") if value.strip() else (None, "empty_input")
 
 
-def with_scores(table: pa.Table, probs: np.ndarray, status: list) -> pa.Table:
-    """The input's own columns plus the scores; an input column named like a score column becomes `input_<name>`."""
-    taken, names = set(table.column_names) | set(OUTPUT_COLUMNS), []
+def with_scores(table: pa.Table, outputs: np.ndarray, status: list, task: Task) -> pa.Table:
+    """The input's own columns plus the task's output columns; an input column named like an output column
+    becomes `input_<name>`."""
+    columns = task.output_columns()
+    taken, names = set(table.column_names) | set(columns), []
     for name in table.column_names:
-        if name in OUTPUT_COLUMNS:
+        if name in columns:
             while name in taken:
                 name = f"input_{name}"
             taken.add(name)
         names.append(name)
-    invalid = np.isnan(probs[:, 0])
-    labels = np.where(probs.argmax(1) == 1, LABEL_NAMES[1], LABEL_NAMES[0]).astype(object)
-    return (table.rename_columns(names)
-            .append_column("label", pa.array(labels, pa.string(), mask=invalid))
-            .append_column("score", pa.array(probs.max(1).astype(np.float64), mask=invalid))
-            .append_column("prob_positive", pa.array(probs[:, 1].astype(np.float64), mask=invalid))
-            .append_column("status", pa.array(status, pa.string())))
+    table = table.rename_columns(names)
+    for name, column in task.output_arrays(outputs, ~np.isnan(outputs[:, 0])).items():
+        table = table.append_column(name, column)
+    return table.append_column("status", pa.array(status, pa.string()))
 
 
 def write_part(table: pa.Table, part: str) -> None:
@@ -166,12 +178,20 @@ def write_part(table: pa.Table, part: str) -> None:
     os.replace(tmp, path)
 
 
-def count_statuses(table: pa.Table) -> dict:
-    """Rows per status and per label (`null` for rows without one) in a scored table."""
+def count_statuses(table: pa.Table, task: Task) -> dict:
+    """Rows per status and per label (`null` for rows without one; multi-label: rows with each label; none for
+    regression) in a scored table."""
     import pyarrow.compute as pc
 
-    return {column: {str(v["values"]) if v["values"] is not None else "null": v["counts"]
-                     for v in pc.value_counts(table.column(column)).to_pylist()} for column in ("status", "label")}
+    def counts(column: pa.ChunkedArray) -> dict:
+        return {str(v["values"]) if v["values"] is not None else "null": v["counts"]
+                for v in pc.value_counts(column).to_pylist()}
+    labels = {}
+    if task.kind == SINGLE:
+        labels = counts(table.column("label"))
+    elif task.kind == MULTI:
+        labels = counts(pc.list_flatten(table.column("labels")))
+    return {"status": counts(table.column("status")), "label": labels}
 
 
 def _stats(c: Chunk, rows: int, status: dict, label: dict, device: str, took: dict, error: Optional[str]) -> dict:

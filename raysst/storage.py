@@ -12,8 +12,8 @@ from typing import Iterator
 
 STATE_FILE = "train_state.pt"  # optimizer, schedule and scaler state, the epoch and the history
 HISTORY_FILE = "history.json"  # one row of metrics per epoch, readable without torch
-# The epoch's own validation pass: each validation row's probability of `positive`, in file order (numpy).
-PREDICTIONS_FILE = "validation_prob_positive.npy"
+# The epoch's own validation pass: each validation row's outputs (rows, num_labels; raysst.task), file order.
+PREDICTIONS_FILE = "validation_outputs.npy"
 
 
 _FILESYSTEMS: dict = {}  # per process and bucket: S3's region lookup costs a request

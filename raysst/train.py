@@ -1,4 +1,4 @@
-"""Fine-tune a BERT encoder on SST-2 with Ray Train: the driver (its per-worker loop is raysst.train_worker)."""
+"""Fine-tune a BERT encoder on a text task with Ray Train: the driver (its per-worker loop is raysst.train_worker)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from typing import Optional
 
 from raysst.capacity import check_fits, lower_hint, timed_out, wait_for_capacity, worker_resources
 from raysst.config import TRAIN, Config, check_job
+from raysst.task import Task, check_metric, describe, metric_mode
 from raysst.train_worker import train_fn_per_worker
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train V2's placement-group wait
 RUN = "the run"  # how errors name one training run
 
 
-def build_trainer(cfg: Config, datasets: dict, n_train: int, callbacks: Optional[list] = None):
+def build_trainer(cfg: Config, datasets: dict, n_train: int, task: Task, callbacks: Optional[list] = None):
     """The TorchTrainer for one training run (used directly by train and inside each Tune trial).
 
     Ray Train V2 waits 60 s for a worker group's placement group (what asks the autoscaler for nodes), then
@@ -31,7 +32,7 @@ def build_trainer(cfg: Config, datasets: dict, n_train: int, callbacks: Optional
     from ray.train.torch import TorchConfig, TorchTrainer
 
     os.environ[START_TIMEOUT_ENV] = str(cfg.wait_for_nodes / (cfg.max_failures + 1))
-    loop_config = {**cfg.to_dict(), "n_train": n_train, "run_id": uuid.uuid4().hex[:8]}
+    loop_config = {**cfg.to_dict(), "n_train": n_train, "task": task.to_dict(), "run_id": uuid.uuid4().hex[:8]}
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -43,8 +44,8 @@ def build_trainer(cfg: Config, datasets: dict, n_train: int, callbacks: Optional
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=cfg.storage_path, callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
-                                                         checkpoint_score_attribute="accuracy",
-                                                         checkpoint_score_order="max"),
+                                                         checkpoint_score_attribute=cfg.metric,
+                                                         checkpoint_score_order=metric_mode(cfg.metric)),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
                                                    controller_failure_limit=cfg.max_failures),
             worker_runtime_env={"env_vars": worker_env(cfg)},
@@ -89,27 +90,30 @@ def even_rows(train, cfg: Config):
 
 def train_driver_fn(cfg: Config) -> str:
     """Load data, run the trainer (resuming a run of the same name), export the best model."""
-    from raysst.data import load_sst2, to_ray_datasets
+    from raysst.data import load_data, to_ray_datasets
     from raysst.export import export_run, training_report
     from raysst.runtime import init_ray
     from raysst.tracking import require_mlflow
 
     check_job(cfg, TRAIN)
     require_mlflow(cfg)
+    # Labels and columns are checked before Ray starts: a bad file fails in seconds, and no worker starts.
+    train, validation, task = load_data(cfg)
+    cfg = cfg.replace(metric=check_metric(task, cfg.metric))
     init_ray()
     if cfg.elastic:  # Train V2's elastic policy waits without end for MIN workers' room: wait here, in bounds
         wait_for_capacity(worker_resources(cfg), cfg.min_workers, RUN, lower_hint(cfg, TRAIN), cfg.wait_for_nodes)
     else:  # a fixed-size group's own start times out (build_trainer)
         check_fits(worker_resources(cfg), cfg.num_workers, RUN, lower_hint(cfg, TRAIN), wait_s=cfg.wait_for_nodes)
-    train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
     train = even_rows(train, cfg)
     if cfg.elastic:
         print(f"[raysst] elastic: starts with {cfg.min_workers} to {cfg.max_workers} workers, as many as fit; every "
               f"{cfg.elastic_resize_interval:g} s it grows (or shrinks) to what fits, resuming from its latest "
               f"checkpoint", flush=True)
-    print(f"[raysst] data: {len(train)} train, {len(validation)} validation rows from {cfg.data}", flush=True)
+    print(f"[raysst] data: {len(train)} train, {len(validation)} validation rows from {cfg.data}; {describe(task)}; "
+          f"best checkpoint by {cfg.metric}", flush=True)
     datasets = to_ray_datasets(train, validation, cfg.model, cfg.max_seq_length)
-    result = fit(build_trainer(cfg, datasets, len(train)), cfg, RUN, TRAIN)
+    result = fit(build_trainer(cfg, datasets, len(train), task), cfg, RUN, TRAIN)
     model_dir = export_run(result, cfg)
     print(f"[raysst] model exported to {model_dir}", flush=True)
     # Evaluation scores on what training computed on: a fake GPU's run evaluates on CPU.

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from raysst.config import Config
+from raysst.task import Task
 from raysst.storage import HISTORY_FILE, PREDICTIONS_FILE, STATE_FILE
 
 
@@ -23,12 +24,12 @@ def train_fn_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from transformers import get_linear_schedule_with_warmup
 
-    from raysst.data import epoch_batches
+    from raysst.batching import epoch_batches
     from raysst.models import (count_parameters, describe_device, device_dtype, device_info, fetch_once_per_node,
                                load_classifier, load_tokenizer, set_dropout)
     from raysst.tracking import Tracker
 
-    run_id, n_train = config.pop("run_id"), config.pop("n_train")
+    run_id, n_train, task = config.pop("run_id"), config.pop("n_train"), Task.from_dict(config.pop("task"))
     cfg = Config(**config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -40,7 +41,7 @@ def train_fn_per_worker(config: dict) -> None:
     model_path = fetch_once_per_node(cfg.model, ctx.get_local_rank())
     checkpoint, state = ray.train.get_checkpoint(), None
     with (checkpoint.as_directory() if checkpoint else nullcontext()) as ckpt_dir:
-        model = load_classifier(ckpt_dir or model_path)
+        model = load_classifier(ckpt_dir or model_path, task=task)
         if ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
     set_dropout(model, cfg.dropout)
@@ -101,7 +102,8 @@ def train_fn_per_worker(config: dict) -> None:
             # Skip the gradient all-reduce on accumulation steps; it runs once per optimizer step.
             with nullcontext() if last or world == 1 else model.no_sync():
                 with autocast():
-                    loss = model(**batch).loss
+                    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                loss = task.loss(logits, batch["labels"])
                 scaler.scale(loss / cfg.grad_accum_steps).backward()
             loss_sum += loss.detach().double() * n
             if not last:
@@ -122,7 +124,7 @@ def train_fn_per_worker(config: dict) -> None:
                       f"lr {scheduler.get_last_lr()[0]:.2e} samples/s {rate:.1f}", flush=True)
         train_time = time.perf_counter() - t0
 
-        val, prob_positive = evaluate_shard(model, val_shard, pad_id, cfg, rank, world, device, autocast)
+        val, outputs = evaluate_shard(model, val_shard, task, pad_id, cfg, rank, world, device, autocast)
         totals = torch.stack([torch.tensor(samples, dtype=torch.float64, device=device),
                               torch.tensor(tokens, dtype=torch.float64, device=device), loss_sum])
         if dist.is_initialized():
@@ -147,7 +149,7 @@ def train_fn_per_worker(config: dict) -> None:
             tracker.log(history[-1], epoch * steps_per_epoch, "epoch/")
             print(f"[raysst] epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items()
                                                         if isinstance(v, float)), flush=True)
-        _report(history, prob_positive, epoch, steps_per_epoch, model, tokenizer, optimizer, scheduler, scaler, rank)
+        _report(history, outputs, epoch, steps_per_epoch, model, tokenizer, optimizer, scheduler, scaler, rank)
     tracker.close()
 
 
@@ -180,43 +182,45 @@ def timed(batches: Iterator, waited: list) -> Iterator:
 
 
 @torch.inference_mode()
-def evaluate_shard(model, val_shard, pad_id: int, cfg: Config, rank: int, world: int, device,
+def evaluate_shard(model, val_shard, task: Task, pad_id: int, cfg: Config, rank: int, world: int, device,
                    autocast) -> tuple[dict, np.ndarray]:
-    """Validation over the whole set, each row counted by exactly one worker, summed over all; and every
-    row's probability of `positive`, in file order (what the evaluation report is made of)."""
+    """Validation over the whole set, each row scored by exactly one worker and gathered by all: the task's
+    metrics, the loss, and every row's outputs in file order (what the evaluation report is made of)."""
     import torch.distributed as dist
-    from raysst.data import model_inputs
+    from raysst.batching import model_inputs
 
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # examples, correct, summed loss, truncated
-    rows, probs = [], []
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, truncated rows
+    rows, outs, gold = [], [], {}
     for b in val_shard.iter_batches(batch_size=cfg.eval_batch_size, batch_format="numpy"):
+        gold.update(zip(b["row"].tolist(), b["label"]))  # every worker keeps every row's target
         mine = b["row"] % world == rank
         if not mine.any():
             continue
-        batch = {k: v.to(device) for k, v in model_inputs(b["input_ids"][mine], pad_id, b["label"][mine]).items()}
+        batch = model_inputs(b["input_ids"][mine], pad_id, b["label"][mine],
+                             b["token_type_ids"][mine] if "token_type_ids" in b else None)
+        batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-        totals += torch.stack([torch.tensor(len(logits), device=device, dtype=torch.float64),
-                               (logits.argmax(-1) == batch["labels"]).sum().double(), loss.double(),
+        totals += torch.stack([task.loss(logits, batch["labels"], reduction="sum").double(),
                                torch.tensor(b["truncated"][mine].sum(), device=device, dtype=torch.float64)])
         rows.append(torch.as_tensor(b["row"][mine], device=device))
-        probs.append(logits.softmax(-1)[:, 1])
+        outs.append(task.outputs(logits))
+    # Each worker writes its rows into a zero matrix; the sum holds every row once.
+    outputs = torch.zeros((len(gold), task.num_labels), dtype=torch.float32, device=device)
+    if rows:
+        outputs[torch.cat(rows)] = torch.cat(outs)
     if dist.is_initialized():
         dist.all_reduce(totals)
-    n, correct, loss_sum, truncated = totals.tolist()
-    # Each worker writes its rows into a zero vector; the sum holds every row once.
-    prob_positive = torch.zeros(int(n), dtype=torch.float32, device=device)
-    if rows:
-        prob_positive[torch.cat(rows)] = torch.cat(probs)
-    if dist.is_initialized():
-        dist.all_reduce(prob_positive)
-    return ({"eval_loss": loss_sum / n, "accuracy": correct / n, "eval_samples": int(n),
-             "eval_truncated": int(truncated)}, prob_positive.cpu().numpy())
+        dist.all_reduce(outputs)
+    loss_sum, truncated = totals.tolist()
+    outputs = outputs.cpu().numpy()
+    targets = np.stack([gold[i] for i in range(len(gold))])
+    return ({"eval_loss": loss_sum / len(gold), **task.score(outputs, targets), "eval_samples": len(gold),
+             "eval_truncated": int(truncated)}, outputs)
 
 
-def _report(history, prob_positive, epoch, steps_per_epoch, model, tokenizer, optimizer, scheduler, scaler,
+def _report(history, outputs, epoch, steps_per_epoch, model, tokenizer, optimizer, scheduler, scaler,
             rank) -> None:
     """Report the epoch's metrics to Ray Train; rank 0 attaches the checkpoint, with the validation predictions."""
     import ray.train
@@ -233,6 +237,6 @@ def _report(history, prob_positive, epoch, steps_per_epoch, model, tokenizer, op
                     "scaler": scaler.state_dict(), "epoch": epoch, "steps_per_epoch": steps_per_epoch,
                     "history": history}, Path(tmp) / STATE_FILE)
         (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history, indent=2))
-        np.save(Path(tmp) / PREDICTIONS_FILE, prob_positive)
+        np.save(Path(tmp) / PREDICTIONS_FILE, outputs)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")

@@ -19,14 +19,21 @@ from raysst.capacity import Cluster, check_fits, current_cluster, fmt, lower_hin
 from raysst.config import TUNE, Config, check_job
 from raysst.export import export_checkpoint, training_report
 from raysst.storage import HISTORY_FILE, filesystem
+from raysst.task import METRICS, Task, check_metric, describe, metric_mode
+
+TRIAL_METRICS = sorted({m for names in METRICS.values() for m in names})  # what a progress line shows
 
 TRIAL_RUNS = "train_runs"
 # A trial's driver only launches and watches its Train run, so it reserves no CPU: one that held a
 # CPU could leave another trial's workers pending. A bundle must hold something, so it holds memory.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 1024**2}
 TRIAL = "a trial"  # how errors name one trial
-TRIAL_COLUMNS = ["trial_id", "lr", "batch_size", "epochs_run", "best_epoch", "best_accuracy", "eval_loss",
-                 "status", "wall_time_s", "error"]
+
+
+def trial_columns(metric: str) -> list:
+    """trials.csv's columns: `best_<metric>` holds each trial's best value of the sweep's metric."""
+    return ["trial_id", "lr", "batch_size", "epochs_run", "best_epoch", f"best_{metric}",
+            *(["eval_loss"] if metric != "eval_loss" else []), "status", "wall_time_s", "error"]
 
 
 def concurrent_trials(cfg: Config, cluster: Cluster) -> int:
@@ -48,7 +55,7 @@ def search_space(cfg: Config) -> dict:
             "weight_decay": cfg.weight_decay}
 
 
-def train_driver_fn_per_trial(config: dict, base: Config, datasets: dict, n_train: int) -> None:
+def train_driver_fn_per_trial(config: dict, base: Config, datasets: dict, n_train: int, task: Task) -> None:
     """Runs in each Tune trial: one training run with the trial's values; a rerun resumes its checkpoint."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -58,7 +65,7 @@ def train_driver_fn_per_trial(config: dict, base: Config, datasets: dict, n_trai
     trial_id = ray.tune.get_context().get_trial_id()
     # Train resumes a run by (storage_path, name): the trial id keeps both stable across sweep restarts.
     cfg = base.replace(**config, storage_path=posixpath.join(sweep_dir(base), TRIAL_RUNS), name=trial_id)
-    fit(build_trainer(cfg, datasets, n_train, callbacks=[TuneReportCallback()]), cfg, TRIAL, TUNE)
+    fit(build_trainer(cfg, datasets, n_train, task, callbacks=[TuneReportCallback()]), cfg, TRIAL, TUNE)
 
 
 def sweep_dir(cfg: Config) -> str:
@@ -75,21 +82,23 @@ def tune_driver_fn(cfg: Config) -> str:
     """Run the sweep, or resume it if `<storage_path>/<name>` holds one; write its outputs; return that dir."""
     from ray import tune
 
-    from raysst.data import load_sst2, to_ray_datasets
+    from raysst.data import load_data, to_ray_datasets
     from raysst.runtime import init_ray
 
     check_job(cfg, TUNE)
     for b in cfg.batch_sizes:  # a size the workers cannot split fails now, not in the fifth trial
         cfg.replace(batch_size=b)
+    train, validation, task = load_data(cfg)  # bad labels fail before Ray starts
+    cfg = cfg.replace(metric=check_metric(task, cfg.metric))
     init_ray()
     concurrency = concurrent_trials(cfg, current_cluster())
-    train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
-    _say(f"data: {len(train)} train, {len(validation)} validation rows from {cfg.data}")
+    _say(f"data: {len(train)} train, {len(validation)} validation rows from {cfg.data}; {describe(task)}; "
+         f"trials ranked by {cfg.metric}")
     # Loaded and tokenized once here; every trial's Train run reads the same Ray Datasets from the object store.
     datasets = to_ray_datasets(train, validation, cfg.model, cfg.max_seq_length)
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn_per_trial, base=cfg, datasets=datasets,
-                             n_train=len(train)), TRIAL_DRIVER_RESOURCES)
+                             n_train=len(train), task=task), TRIAL_DRIVER_RESOURCES)
     path = sweep_dir(cfg)
     if tune.Tuner.can_restore(path):
         _say(f"resuming the sweep in {path} with the settings it started with: finished trials stay")
@@ -117,7 +126,7 @@ def _tune_config(cfg: Config, concurrency: int):
     # Tune stops takes its Train run down abruptly, leaving Ray's cleaner to free the run's workers.
     scheduler = (ASHAScheduler(time_attr="epoch", grace_period=1, max_t=cfg.epochs, reduction_factor=2,
                                stop_last_trials=False) if cfg.scheduler == "asha" else None)
-    return tune.TuneConfig(metric="accuracy", mode="max", search_alg=search, scheduler=scheduler,
+    return tune.TuneConfig(metric=cfg.metric, mode=metric_mode(cfg.metric), search_alg=search, scheduler=scheduler,
                            num_samples=cfg.num_samples, max_concurrent_trials=limit,
                            trial_name_creator=_trial_id, trial_dirname_creator=_trial_id)
 
@@ -133,16 +142,18 @@ def summarize(cfg: Config, results) -> pd.DataFrame:
         trial_id = result.path.rstrip("/").rsplit("/", 1)[-1]
         history, kept = _run_history(trial_run(cfg, trial_id))
         # Ties go to the later epoch: the latest checkpoint is always kept.
-        best = max((r for r in history if r["epoch"] in kept), key=lambda r: (r["accuracy"], r["epoch"]), default={})
+        sign = -1 if metric_mode(cfg.metric) == "min" else 1
+        best = max((r for r in history if r["epoch"] in kept), key=lambda r: (sign * r[cfg.metric], r["epoch"]),
+                   default={})
         epochs_run = history[-1]["epoch"] if history else 0
         status = ("error" if result.error else "completed" if epochs_run >= result.config["epochs"]
                   else "early-stopped")
         rows.append({"trial_id": trial_id, "lr": result.config["lr"], "batch_size": result.config["batch_size"],
                      "epochs_run": epochs_run, "best_epoch": best.get("epoch"),
-                     "best_accuracy": best.get("accuracy"), "eval_loss": best.get("eval_loss"), "status": status,
+                     f"best_{cfg.metric}": best.get(cfg.metric), "eval_loss": best.get("eval_loss"), "status": status,
                      "wall_time_s": (result.metrics or {}).get("time_total_s"),
                      "error": str(result.error).strip().splitlines()[0] if result.error else ""})
-    return pd.DataFrame(rows, columns=TRIAL_COLUMNS).sort_values("trial_id", ignore_index=True)
+    return pd.DataFrame(rows, columns=trial_columns(cfg.metric)).sort_values("trial_id", ignore_index=True)
 
 
 def _run_history(run: str) -> tuple:
@@ -165,16 +176,16 @@ def write_outputs(cfg: Config, trials: pd.DataFrame, validation: pd.DataFrame) -
     dir; fails if no trial trained."""
     from ray.train import Checkpoint
 
-    path = sweep_dir(cfg)
-    scored = trials.dropna(subset=["best_accuracy"])
+    path, column = sweep_dir(cfg), f"best_{cfg.metric}"
+    scored = trials.dropna(subset=[column])
     with tempfile.TemporaryDirectory() as tmp:
         trials.to_csv(Path(tmp) / "trials.csv", index=False)
-        plot_sweep(trials, Path(tmp) / "sweep.png", cfg.name)
+        plot_sweep(trials, Path(tmp) / "sweep.png", cfg.name, cfg.metric)
         if scored.empty:
             _publish(Path(tmp), path)
             raise RuntimeError(f"sweep {cfg.name}: no trial reported a result; see {path}/trials.csv:\n"
                                + trials[["trial_id", "status", "error"]].to_string(index=False))
-        best = scored.loc[scored["best_accuracy"].idxmax()]
+        best = scored.loc[scored[column].idxmin() if metric_mode(cfg.metric) == "min" else scored[column].idxmax()]
         best_cfg = cfg.replace(lr=float(best["lr"]), batch_size=int(best["batch_size"]))
         run = trial_run(cfg, best["trial_id"])
         checkpoint = posixpath.join(run, f"checkpoint_epoch_{int(best['best_epoch']):03d}")
@@ -183,14 +194,14 @@ def write_outputs(cfg: Config, trials: pd.DataFrame, validation: pd.DataFrame) -
         training_report(model_dir, validation, history, best_cfg.replace(use_gpu=best_cfg.compute_on_gpu,
                                                                           fake_gpu=False))
         keys = ("lr", "batch_size", "epochs", "warmup_ratio", "weight_decay", "model", "num_workers")
-        summary = {"trial_id": best["trial_id"], "accuracy": float(best["best_accuracy"]),
-                   "eval_loss": float(best["eval_loss"]), "epoch": int(best["best_epoch"]),
+        summary = {"trial_id": best["trial_id"], "metric": cfg.metric, cfg.metric: float(best[column]),
+                   "eval_loss": float(best.get("eval_loss", best[column])), "epoch": int(best["best_epoch"]),
                    "config": {k: getattr(best_cfg, k) for k in keys}, "checkpoint": checkpoint,
                    "best_model": model_dir, "trials": len(trials),
                    "trials_by_status": trials["status"].value_counts().to_dict()}
         (Path(tmp) / "best.json").write_text(json.dumps(summary, indent=2))
         _publish(Path(tmp), path)
-    _say(f"best trial {best['trial_id']}: accuracy {best['best_accuracy']:.4f} at epoch {int(best['best_epoch'])} "
+    _say(f"best trial {best['trial_id']}: {cfg.metric} {best[column]:.4f} at epoch {int(best['best_epoch'])} "
          f"(lr {best['lr']:.3g}, batch size {int(best['batch_size'])}); model in {model_dir}")
     return path
 
@@ -203,22 +214,22 @@ def _publish(local: Path, dest: str) -> None:
     pyarrow.fs.copy_files(str(local), root, destination_filesystem=fs)
 
 
-def plot_sweep(trials: pd.DataFrame, out: Path, title: str) -> None:
-    """Best validation accuracy against learning rate (log scale), colored by batch size."""
+def plot_sweep(trials: pd.DataFrame, out: Path, title: str, metric: str = "accuracy") -> None:
+    """Each trial's best validation metric against learning rate (log scale), colored by batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    scored = trials.dropna(subset=["best_accuracy"])
+    scored = trials.dropna(subset=[f"best_{metric}"])
     sizes = sorted(scored["batch_size"].unique())
     for (size, status), part in scored.groupby(["batch_size", "status"]):
-        ax.scatter(part["lr"], part["best_accuracy"], s=60, label=f"batch {size}, {status}",
+        ax.scatter(part["lr"], part[f"best_{metric}"], s=60, label=f"batch {size}, {status}",
                    color=plt.get_cmap("viridis")(sizes.index(size) / max(len(sizes) - 1, 1)),
                    marker={"completed": "o", "early-stopped": "x"}.get(status, "s"))
     early = int((trials["status"] == "early-stopped").sum())
-    ax.set(xscale="log", xlabel="learning rate", ylabel="best validation accuracy",
+    ax.set(xscale="log", xlabel="learning rate", ylabel=f"best validation {metric}",
            title=f"{title}: {len(trials)} trials, {early} early-stopped (x)")
     ax.grid(alpha=0.3)
     if len(scored):
@@ -235,7 +246,8 @@ class ProgressLines(Callback):
         _say(f"trial {trial.trial_id} started: lr {trial.config['lr']:.3g}, batch size {trial.config['batch_size']}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        _say(f"trial {trial.trial_id} epoch {result.get('epoch')}: accuracy {result.get('accuracy', float('nan')):.4f}")
+        _say(f"trial {trial.trial_id} epoch {result.get('epoch')}: "
+             + ", ".join(f"{m} {result[m]:.4f}" for m in TRIAL_METRICS if m in result))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         _say(f"trial {trial.trial_id} finished")
