@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from raysst.config import PACKAGED_MINILM  # noqa: E402
 from raysst.cli import load_config  # noqa: E402
-from raysst.data import load_sst2  # noqa: E402
+from raysst.data import load_data  # noqa: E402
 
 SST2 = str((ROOT.parent / "shared" / "data" / "sst2").resolve())
 LOCAL_CONFIG = str(ROOT / "configs" / "local.yaml")  # both contenders take its recipe
@@ -60,7 +60,7 @@ def run_hf_trainer(samples: int, strategy: str = "random", save_to: Optional[str
     cfg = load_config(LOCAL_CONFIG)
     if device == "cpu":
         torch.set_num_threads(cfg.cpus_per_worker)
-    train, validation = load_sst2(data, samples, seed=cfg.seed)
+    train, validation, _ = load_data(cfg.replace(data=data, max_train_samples=samples))
     tok = load_tokenizer(model)
 
     def encode(df):
@@ -145,7 +145,8 @@ def ceiling(samples: int) -> dict:
     """The input path alone, per worker: our trainer with a tiny BERT (hidden 64, 2 layers), whose step
     costs little, so samples/s is bounded by the shard, pooling, length grouping and padding; and the same
     batches iterated with no model at all."""
-    from raysst.data import epoch_batches, to_ray_datasets
+    from raysst.batching import epoch_batches
+    from raysst.data import to_ray_datasets
     from raysst.models import make_random_model
 
     with tempfile.TemporaryDirectory() as d:
@@ -153,7 +154,7 @@ def ceiling(samples: int) -> dict:
                                   num_attention_heads=2, intermediate_size=128, max_position_embeddings=128)
         m = run_ours(d, model=model, max_train_samples=samples, name="ceiling", epochs=2)
         cfg = load_config(LOCAL_CONFIG, data=SST2)
-        train, validation = load_sst2(SST2, samples, cfg.seed)
+        train, validation, _ = load_data(cfg.replace(max_train_samples=samples))
         shard = to_ray_datasets(train, validation, model, cfg.max_seq_length)["train"]
         t0, n = time.perf_counter(), 0
         for batch in epoch_batches(shard, cfg, cfg.batch_size, 1, 0, 0):
@@ -175,13 +176,13 @@ def compile_step(precision: str, steps: int = 64) -> dict:
     import numpy as np
     import torch
 
-    from raysst.data import length_grouped_batches, rust_tokenizer
+    from raysst.batching import length_grouped_batches, rust_tokenizer
     from raysst.models import load_classifier, load_tokenizer, resolve_model
 
     cfg = load_config(LOCAL_CONFIG, data=SST2)
     torch.set_num_threads(cfg.cpus_per_worker)
     path = resolve_model(cfg.model)
-    train, _ = load_sst2(SST2, cfg.batch_size * steps, cfg.seed)
+    train = load_data(cfg.replace(max_train_samples=cfg.batch_size * steps))[0]
     tok = rust_tokenizer(load_tokenizer(path).backend_tokenizer.to_str(), cfg.max_seq_length)
     ids = np.empty(len(train), object)
     ids[:] = [np.array(e.ids) for e in tok.encode_batch_fast(train.sentence.tolist())]

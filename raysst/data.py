@@ -120,9 +120,14 @@ def find_split_file(directory: Path, split: str) -> Path:
     return found[0]
 
 
-def load_split(data: str, split: str, columns: Columns = Columns()) -> tuple[pd.DataFrame, str, Optional[list]]:
-    """One checked split from a local directory or the Hub: the frame, its source (for errors) and the label
-    names the source declares (a Hub ClassLabel), if any."""
+def load_split(data: str, split: str, columns: Columns = Columns()) -> pd.DataFrame:
+    """One checked split, labels as found, from a local directory or the Hub."""
+    return _read_split(data, split, columns)[0]
+
+
+def _read_split(data: str, split: str, columns: Columns) -> tuple[pd.DataFrame, str, Optional[list]]:
+    """One checked split: the frame, its source (for errors) and the label names the source declares (a Hub
+    ClassLabel), if any."""
     path = Path(data).expanduser()
     if path.is_dir():
         file = find_split_file(path, split)
@@ -144,9 +149,9 @@ def load_data(cfg: "Config") -> tuple[pd.DataFrame, pd.DataFrame, Task]:
     back in a seeded random order (a slice, if any, is its head): workers only shuffle within windows, and a
     file sorted by label must not train in that order."""
     columns = Columns.of(cfg)
-    train, source, declared = load_split(cfg.data, cfg.train_split, columns)
+    train, source, declared = _read_split(cfg.data, cfg.train_split, columns)
     validation_split = cfg.validation_split or GLUE_VALIDATION.get(columns.glue, "validation")
-    validation, val_source, _ = load_split(cfg.data, validation_split, columns)
+    validation, val_source, _ = _read_split(cfg.data, validation_split, columns)
     glue_labels = GLUE_TASKS.get(columns.glue, (None, None, ()))[2]
     kind = cfg.task or (REGRESSION if columns.glue and glue_labels is None else None)
     task = infer_task(train["label"], source, columns.label, kind, cfg.labels or declared or glue_labels or None,

@@ -87,9 +87,10 @@ def model_card(metrics: dict, cfg: Config, task: Task) -> str:
     """A model card in the form of the well-known bert-base-uncased SST-2 card, for any task."""
     names = task.metrics
     rows = "\n".join(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['eval_loss']:.4f} | "
-                     + " | ".join(f"{r[m]:.4f}" for m in names) + f" | {r.get('workers', '?')} |"
+                     + " | ".join(f"{r[m]:.4f}" if m in r else "n/a" for m in names) + f" | {r.get('workers', '?')} |"
                      for r in metrics["epochs"])
-    metric, value = cfg.metric, metrics[cfg.metric]
+    metric = cfg.metric or metrics.get("metric") or task.metrics[0]
+    value = metrics.get(metric, best_row(metrics["epochs"], metric)[metric])
     headline = f"{value:.2%}" if metric in ("accuracy", "micro_f1", "macro_f1") else f"{value:.4f}"
     usage = ('classifier = pipeline("text-classification", model="PATH/TO/THIS/DIRECTORY"' +
              (", top_k=None)  # every label's score" if task.kind == "multi-label" else ")"))
@@ -186,7 +187,7 @@ def training_report(model_dir: str, validation: Union[pd.DataFrame, str], histor
     eval_dir = posixpath.join(model_dir, "eval")
     recorded = json.loads(read_text(posixpath.join(model_dir, "metrics.json")))
     history = recorded["epochs"] if history is None else history
-    task = Task.from_dict(recorded["task"])
+    task = Task.from_dict(recorded["task"]) if "task" in recorded else checkpoint_task(model_dir)  # older exports
     metric = cfg.metric or task.metrics[0]
     outputs = training_predictions(eval_dir, validation, history, task, metric)
     if outputs is not None:

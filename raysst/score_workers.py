@@ -43,7 +43,7 @@ class ChunkScorer:
                  output: str, task: dict, pair_column: Optional[str] = None, calibration: tuple = ()):
         import torch
 
-        from raysst.data import rust_tokenizer
+        from raysst.batching import rust_tokenizer
         from raysst.models import describe_device, device_info, load_for_inference, load_tokenizer
 
         if not use_gpu:

@@ -206,9 +206,7 @@ def infer_task(values: pd.Series, source: str, column: str, kind: Optional[str] 
     string labels single-label, unless `kind` says otherwise. Label names are `labels` if given, else the
     sorted unique values. LabelError for nulls, mixed types, or fewer than two classes."""
     _no_nulls(values, source, column)
-    types = values.map(lambda v: "list" if _is_list(v) else "str" if isinstance(v, str) else "bool"
-                       if isinstance(v, (bool, np.bool_)) else "int" if isinstance(v, (int, np.integer))
-                       else "float" if isinstance(v, (float, np.floating)) else type(v).__name__)
+    types = values.map(_label_type)
     found = types.value_counts()
     if len(found) > 1 and set(found.index) != {"int", "float"}:
         raise LabelError(f"{source}: column {column!r} mixes label types ({', '.join(f'{n} {t}' for t, n in found.items())}"
@@ -263,6 +261,22 @@ def check_metric(task: Task, metric: Optional[str]) -> str:
     if metric not in allowed:
         raise ValueError(f"--metric {metric} is not a metric of a {task.kind} task; use one of {', '.join(allowed)}")
     return metric
+
+
+def _label_type(v) -> str:
+    """list, str, int, float or bool; a file that mixes numbers and names reaches us as text, so text that
+    reads as a number counts as one."""
+    if isinstance(v, str):
+        v = v.strip()
+        if re.fullmatch(r"[-+]?\d+", v):
+            return "int"
+        return "float" if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?", v) else "str"
+    if _is_list(v):
+        return "list"
+    if isinstance(v, (bool, np.bool_)):
+        return "bool"
+    return "int" if isinstance(v, (int, np.integer)) else "float" if isinstance(v, (float, np.floating)) else \
+        type(v).__name__
 
 
 def _is_list(v) -> bool:

@@ -31,6 +31,7 @@ def build_trainer(cfg: Config, datasets: dict, n_train: int, task: Task, callbac
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg = cfg.replace(metric=check_metric(task, cfg.metric))
     os.environ[START_TIMEOUT_ENV] = str(cfg.wait_for_nodes / (cfg.max_failures + 1))
     loop_config = {**cfg.to_dict(), "n_train": n_train, "task": task.to_dict(), "run_id": uuid.uuid4().hex[:8]}
     return TorchTrainer(

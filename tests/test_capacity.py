@@ -135,20 +135,20 @@ def test_a_worker_group_that_never_gets_room_fails_after_wait_for_nodes(ray_loca
     from ray.util import placement_group, remove_placement_group
 
     from raysst.config import TRAIN
-    from raysst.data import load_sst2, to_ray_datasets
+    from raysst.data import load_data, to_ray_datasets
     from raysst.train import build_trainer, fit
 
     held = placement_group([{"CPU": 3}])  # of 4 CPUs: the worker's 2 fit the cluster, but not now
     ray_local.get(held.ready())
     cfg = Config(model=tiny_model, data=str(sst2_small), storage_path=str(tmp_path), name="stuck", epochs=1,
                  cpus_per_worker=2, batch_size=16, wait_for_nodes=5)
-    train, validation = load_sst2(cfg.data, 64, cfg.seed)
+    train, validation, task = load_data(cfg.replace(max_train_samples=64))
     datasets = to_ray_datasets(train, validation, cfg.model, cfg.max_seq_length)
     started = time.monotonic()
     try:
         with pytest.raises(CapacityError, match=r"the run needs 1 worker\(s\) x \{CPU: 2\} = \{CPU: 2\}; the cluster "
                                                 r"has \{CPU: 4\} on 1 node.*after 5 s the workers still had no room"):
-            fit(build_trainer(cfg, datasets, len(train)), cfg, "the run", TRAIN)
+            fit(build_trainer(cfg, datasets, len(train), task), cfg, "the run", TRAIN)
     finally:
         remove_placement_group(held)
     assert time.monotonic() - started < 90

@@ -9,7 +9,8 @@ import pytest
 from raysst.config import TRAIN, SCORE, TUNE, Config
 from raysst.cli import build_parser, load_config, parse_config
 from raysst.formats import DataError
-from raysst.data import length_grouped_batches, load_split, load_sst2
+from raysst.batching import length_grouped_batches
+from raysst.data import load_data, load_split
 from raysst.models import load_tokenizer
 
 ROWS = pd.DataFrame({"sentence": ["a fine film", "dull and long", "great", "bad"], "label": [1, 0, 1, 0]})
@@ -30,7 +31,7 @@ def write(df: pd.DataFrame, path, fmt: str) -> None:
 def test_each_format_loads(tmp_path, fmt):
     write(ROWS, tmp_path / f"train.{fmt}", fmt)
     write(ROWS.rename(columns={"sentence": "text"}), tmp_path / f"validation.{fmt}", fmt)
-    train, validation = load_sst2(str(tmp_path))
+    train, validation, _ = load_data(Config(data=str(tmp_path)))
     assert train.sort_values("sentence").to_dict("list") == ROWS.sort_values("sentence").to_dict("list")
     assert validation.to_dict("list") == ROWS.to_dict("list")
 
@@ -39,47 +40,57 @@ def test_train_rows_sorted_by_label_come_back_mixed(tmp_path):
     rows = pd.DataFrame({"sentence": [f"review {i}" for i in range(400)], "label": [0] * 200 + [1] * 200})
     write(rows, tmp_path / "train.csv", "csv")
     write(rows, tmp_path / "validation.csv", "csv")
-    train, validation = load_sst2(str(tmp_path), seed=3)
+    train, validation, _ = load_data(Config(data=str(tmp_path), seed=3))
     assert sorted(train.sentence) == sorted(rows.sentence)  # nothing lost or repeated
     assert 0.3 < train.label[:100].mean() < 0.7  # the first windows a worker sees hold both labels
-    assert train.equals(load_sst2(str(tmp_path), seed=3)[0])
+    assert train.equals(load_data(Config(data=str(tmp_path), seed=3))[0])
     assert validation.equals(rows)  # validation keeps its order
 
 
 def test_glue_dev_tsv_and_string_labels(tmp_path):
     write(ROWS, tmp_path / "train.tsv", "tsv")
     write(ROWS.assign(label=["positive", "negative", "positive", "negative"]), tmp_path / "dev.tsv", "tsv")
-    assert load_split(str(tmp_path), "validation")["label"].tolist() == [1, 0, 1, 0]
+    _, validation, task = load_data(Config(data=str(tmp_path), labels="negative,positive"))
+    assert validation["label"].tolist() == [1, 0, 1, 0] and task.labels == ("negative", "positive")
 
 
 def test_real_sst2_and_seeded_slice():
-    train, validation = load_sst2("../shared/data/sst2", max_train_samples=500, seed=1)
+    train, validation, task = load_data(Config(data="../shared/data/sst2", max_train_samples=500, seed=1))
     assert len(train) == 500 and len(validation) == 872
-    again, _ = load_sst2("../shared/data/sst2", max_train_samples=500, seed=1)
+    assert task.labels == ("negative", "positive")  # a directory named after its GLUE task takes its names
+    again = load_data(Config(data="../shared/data/sst2", max_train_samples=500, seed=1))[0]
     assert train.equals(again)
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda df: df.drop(columns="label"), "no label column 'label'"),
     (lambda df: df.rename(columns={"sentence": "review"}), "no text column 'sentence' or 'text'"),
-    (lambda df: df.assign(label=[0, 1, 2, 1]), "found ['2']"),
-    (lambda df: df.assign(label=[0, 1, None, 1]), "1 missing labels"),
+    (lambda df: df.assign(label=[0, 1, None, 1]), "1 null labels"),
+    (lambda df: df.assign(label=[1, 1, 1, 1]), "holds only one class ('1' in 4 rows)"),
     (lambda df: df.assign(sentence=["ok", None, "x", "y"]), "1 null values"),
-    (lambda df: df.assign(sentence=["ok", "  ", "x", "y"]), "1 empty sentences"),
+    (lambda df: df.assign(sentence=["ok", "  ", "x", "y"]), "1 empty texts"),
     (lambda df: df.iloc[:0], "has no rows"),
 ])
 def test_bad_input_names_file_and_column(tmp_path, change, message):
     write(ROWS, tmp_path / "validation.parquet", "parquet")
     write(change(ROWS), tmp_path / "train.parquet", "parquet")
     with pytest.raises(DataError) as err:
-        load_split(str(tmp_path), "train")
+        load_data(Config(data=str(tmp_path)))
     assert str(tmp_path / "train.parquet") in str(err.value) and message in str(err.value)
+
+
+def test_mixed_label_types_are_named(tmp_path):
+    write(ROWS, tmp_path / "validation.jsonl", "jsonl")
+    # A file that mixes names and numbers: jsonl keeps each type, csv turns both into text.
+    write(ROWS.assign(label=["positive", "negative", "positive", 1]), tmp_path / "train.jsonl", "jsonl")
+    with pytest.raises(DataError, match=r"train.jsonl: column 'label' mixes label types \(3 str, 1 int\)"):
+        load_data(Config(data=str(tmp_path)))
 
 
 def test_missing_split_lists_what_is_there(tmp_path):
     write(ROWS, tmp_path / "train.parquet", "parquet")
     with pytest.raises(DataError, match=r"no validation split.*found \['train.parquet'\]"):
-        load_sst2(str(tmp_path))
+        load_data(Config(data=str(tmp_path)))
 
 
 def test_corrupt_file_and_missing_directory(tmp_path):
@@ -115,10 +126,12 @@ def test_pretokenized_epochs_hold_the_tokens_of_their_sentences(tiny_model, sst2
     from collections import Counter
 
     from raysst.config import Config
-    from raysst.data import epoch_batches, to_ray_datasets
+    from raysst.batching import epoch_batches
+    from raysst.data import to_ray_datasets
 
-    cfg = Config(model=tiny_model, data=str(sst2_small), batch_size=16, max_seq_length=24, seed=3)
-    train, validation = load_sst2(cfg.data, 300, cfg.seed)
+    cfg = Config(model=tiny_model, data=str(sst2_small), batch_size=16, max_seq_length=24, seed=3,
+                 max_train_samples=300)
+    train, validation, _ = load_data(cfg)
     datasets = to_ray_datasets(train, validation, cfg.model, cfg.max_seq_length)
     tok = load_tokenizer(tiny_model)
     expected = tok(train.sentence.tolist(), truncation=True, max_length=cfg.max_seq_length)["input_ids"]

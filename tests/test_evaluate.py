@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raysst.config import EVAL, TRAIN, Config
+from raysst.config import EVAL, SCORE, TRAIN, Config
 from raysst.cli import parse_config
 from raysst.formats import DataError
 from raysst.evaluate import compute_report, evaluate_frame, model_names, wilson_interval, write_report
-from raysst.report import FIGURES, with_card_section, write_comparison
+from raysst.report import FIGURES, figures_for, with_card_section, write_comparison
+from raysst.task import Task
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -29,6 +30,15 @@ TEXTS = ["great fun", "a moving , funny film", "w " * 7, "w " * 12, "not so good
          "dull", "w " * 25, "w " * 35, "w " * 50]
 
 
+SST2 = Task()  # negative, positive
+
+
+def two(prob_positive) -> np.ndarray:
+    """Binary probabilities (negative, positive) from the probability of `positive`."""
+    p = np.asarray(prob_positive, dtype=float)
+    return np.column_stack([1 - p, p])
+
+
 def is_png(path: Path) -> bool:
     import matplotlib.image
 
@@ -39,7 +49,7 @@ def is_png(path: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    return compute_report(TEXTS, GOLD, PROB)
+    return compute_report(TEXTS, GOLD, two(PROB), SST2)
 
 
 def test_accuracy_and_wilson_interval(report):
@@ -72,7 +82,7 @@ def test_calibration_ece_and_brier(report):
 
 
 def test_bins_are_right_closed_and_ties_go_negative():
-    r = compute_report(["a", "b", "c", "d"], [1, 1, 0, 0], [0.7, 1.0, 0.5, 0.3])
+    r = compute_report(["a", "b", "c", "d"], [1, 1, 0, 0], two([0.7, 1.0, 0.5, 0.3]), SST2)
     counts = {(b["lo"], b["hi"]): b["count"] for b in r["calibration"]["bins"] if b["count"]}
     # 0.7 stays in (0.6, 0.7] (7 * 0.1 is 0.7000000000000001); 1.0 in (0.9, 1.0]; 0.5 -> negative at 0.5
     assert counts == {(0.6, 0.7): 2, (0.9, 1.0): 1, (0.4, 0.5): 1}
@@ -89,27 +99,28 @@ def test_accuracy_by_length_and_confident_mistakes(report):
     # Wrong rows: 5 (conf .85), then 4 and 8 (both .55, kept in input order).
     assert [m["text"] for m in mistakes] == [TEXTS[5], TEXTS[4], TEXTS[8]]
     assert mistakes[0] == {"text": TEXTS[5], "gold": "positive", "predicted": "negative",
-                           "confidence": pytest.approx(0.85), "prob_positive": pytest.approx(0.15)}
-    many = compute_report([f"t{i}" for i in range(30)], [0] * 30, np.linspace(0.6, 0.99, 30))
+                           "confidence": pytest.approx(0.85), "prob_negative": pytest.approx(0.85),
+                           "prob_positive": pytest.approx(0.15)}
+    many = compute_report([f"t{i}" for i in range(30)], [0] * 30, two(np.linspace(0.6, 0.99, 30)), SST2)
     assert len(many["most_confident_mistakes"]) == 20
     assert many["most_confident_mistakes"][0]["confidence"] == pytest.approx(0.99)
 
 
 @pytest.mark.parametrize("labels", [
-    ["positive"] * 6 + ["negative"] * 4, ["1"] * 6 + ["0"] * 4, [1.0] * 6 + [0.0] * 4, ["POS"] * 6 + ["neg"] * 4])
+    ["positive"] * 6 + ["negative"] * 4, ["1"] * 6 + ["0"] * 4, [1.0] * 6 + [0.0] * 4, ["POSITIVE"] * 6 + ["Negative"] * 4])
 def test_labels_as_strings_or_numbers_give_the_same_report(report, labels):
-    assert compute_report(TEXTS, labels, PROB) == report
+    assert compute_report(TEXTS, labels, two(PROB), SST2) == report
 
 
 def test_bad_labels_and_probabilities_are_named():
-    with pytest.raises(DataError, match=r"eval.csv: column 'sentiment' must hold 0/1 or negative/positive.*neutral"):
-        compute_report(["a", "b"], ["positive", "neutral"], [0.2, 0.9], "eval.csv", "sentiment")
-    with pytest.raises(DataError, match=r"eval.csv: column 'label' has 1 missing labels"):
-        compute_report(["a", "b"], [1, None], [0.2, 0.9], "eval.csv")
-    with pytest.raises(ValueError, match=r"prob_positive must lie in \[0, 1\]"):
-        compute_report(["a", "b"], [1, 0], [0.2, float("nan")])
+    with pytest.raises(DataError, match=r"eval.csv: column 'sentiment' must hold one of the labels.*neutral"):
+        compute_report(["a", "b"], ["positive", "neutral"], two([0.2, 0.9]), SST2, "eval.csv", "sentiment")
+    with pytest.raises(DataError, match=r"eval.csv: column 'label' has 1 null labels"):
+        compute_report(["a", "b"], [1, None], two([0.2, 0.9]), SST2, "eval.csv")
+    with pytest.raises(ValueError, match=r"outputs must be 2 finite probabilities in \[0, 1\] per row"):
+        compute_report(["a", "b"], [1, 0], two([0.2, float("nan")]), SST2)
     with pytest.raises(DataError, match="no rows"):
-        compute_report([], [], [])
+        compute_report([], [], [], SST2)
 
 
 def scored_frame(label_column: str = "input_label") -> pd.DataFrame:
@@ -118,39 +129,40 @@ def scored_frame(label_column: str = "input_label") -> pd.DataFrame:
     return pd.DataFrame({
         "sentence": TEXTS + [None, "   "], label_column: GOLD + [1, 0],
         "label": ["positive" if p > 0.5 else "negative" for p in PROB] + [None, None],
-        "score": [max(p, 1 - p) for p in PROB] + [None, None], "prob_positive": probs,
+        "score": [max(p, 1 - p) for p in PROB] + [None, None],
+        "prob_negative": [1 - p for p in PROB] + [None, None], "prob_positive": probs,
         "status": ["ok"] * 9 + ["truncated", "null_input", "empty_input"]})
 
 
 def test_evaluate_frame_counts_rows_it_cannot_score():
-    r = evaluate_frame(scored_frame(), "val.parquet")
+    r = evaluate_frame(scored_frame(), "val.parquet", SST2)
     assert r["rows"] == {"total": 12, "evaluated": 10, "not_scored": {"null_input": 1, "empty_input": 1},
                          "truncated": 1}
     assert r["accuracy"] == pytest.approx(0.7)
-    other = evaluate_frame(scored_frame("sentiment"), "val.parquet", label_column="sentiment")
+    other = evaluate_frame(scored_frame("sentiment"), "val.parquet", SST2, label_column="sentiment")
     assert other["accuracy"] == r["accuracy"]
 
 
 def test_missing_label_column_is_a_clear_error():
     frame = scored_frame().drop(columns=["input_label"])
     with pytest.raises(DataError) as e:
-        evaluate_frame(frame, "data/val.parquet", label_column="label")
+        evaluate_frame(frame, "data/val.parquet", SST2, label_column="label")
     assert "data/val.parquet: no label column 'label'; columns are ['sentence']" in str(e.value)
     with pytest.raises(DataError, match=r"no label column 'gold'; columns are \['sentence', 'label'\]"):
-        evaluate_frame(scored_frame(), "data/val.parquet", label_column="gold")
+        evaluate_frame(scored_frame(), "data/val.parquet", SST2, label_column="gold")
 
 
 def test_report_files_are_written_and_readable(report, tmp_path):
     names = write_report({"model": "tiny", "data": "x.parquet", **report}, str(tmp_path / "out"))
     out = tmp_path / "out"
-    assert sorted(names) == sorted(["report.json", "report.md", *FIGURES.values()])
-    for png in FIGURES.values():
+    assert sorted(names) == sorted(["report.json", "report.md", *figures_for(report).values()])
+    for png in figures_for(report).values():
         assert is_png(out / png), png
     assert json.loads((out / "report.json").read_text())["accuracy"] == pytest.approx(0.7)
     md = (out / "report.md").read_text()
     for text in ("0.7000 (95% CI 0.3968 to 0.8922", "| positive | 0.8000 | 0.6667 | 0.7273 | 6 |",
                  "| negative | 3 | 1 |", "calibration error (10 bins) | 0.3130", "Brier score | 0.1741",
-                 "| 1-5 | 4 | 0.7500 |", "not bad at all , really", *(f"]({png})" for png in FIGURES.values())):
+                 "| 1-5 | 4 | 0.7500 |", "not bad at all , really", *(f"]({png})" for png in figures_for(report).values())):
         assert text in md, text
 
 
@@ -169,7 +181,7 @@ def test_training_curves_png(tmp_path):
 
 
 def test_comparison_table(report, tmp_path):
-    worse = compute_report(TEXTS, GOLD, [1 - p for p in PROB])  # every prediction flipped: accuracy 0.3
+    worse = compute_report(TEXTS, GOLD, two([1 - p for p in PROB]), SST2)  # every prediction flipped: accuracy 0.3
     md = write_comparison({"new": {"model": "runs/new/model", **report}, "old": {"model": "runs/old", **worse}},
                           str(tmp_path))
     assert "| Metric | new | old | old - new |" in md
@@ -203,7 +215,7 @@ def test_config_for_evaluate():
     with pytest.raises(ValueError, match="distinct"):
         Config(models=["a", "a"])
     with pytest.raises(SystemExit):
-        parse_config(TRAIN, ["--label-column", "x"])
+        parse_config(SCORE, ["--label-column", "x"])  # scoring needs no labels
 
 
 # ---- end to end through the batch scorer (Ray Data) on a tiny real model ----
@@ -265,7 +277,7 @@ def test_evaluate_two_models_end_to_end(ray_local, tiny_model, trained_model, ss
     direct = direct_probabilities(trained_model, rows["sentence"].tolist())
     scored = read_scored(str(tmp_path / "eval" / "scored" / names[0])).sort_values("idx")
     assert scored["prob_positive"].to_numpy() == pytest.approx(direct, abs=1e-5)  # the scorer is the model
-    expected = compute_report(rows["sentence"], rows["label"], direct)
+    expected = compute_report(rows["sentence"], rows["label"], two(direct), SST2)
     got = json.loads((tmp_path / "eval" / names[0] / "report.json").read_text())
     assert got["n"] == len(rows) == 101 and got["rows"]["not_scored"] == {}
     if not np.any(np.abs(direct - 0.5) < 1e-4):  # a near-tie could fall either way by float noise
@@ -275,7 +287,7 @@ def test_evaluate_two_models_end_to_end(ray_local, tiny_model, trained_model, ss
     assert got["calibration"]["brier"] == pytest.approx(expected["calibration"]["brier"], abs=1e-5)
     assert got["calibration"]["ece"] == pytest.approx(expected["calibration"]["ece"], abs=1e-4)
     for name in names:
-        for png in FIGURES.values():
+        for png in figures_for(reports[name]).values():
             assert is_png(tmp_path / "eval" / name / png)
     md = (tmp_path / "eval" / "comparison.md").read_text()
     new, old = reports[names[0]]["accuracy"], reports[names[1]]["accuracy"]
@@ -293,7 +305,7 @@ def test_string_labels_and_missing_label_column_end_to_end(ray_local, trained_mo
                  label_column="gold", num_actors=1)
     report = evaluate_driver_fn(cfg)[model_names([trained_model])[0]]
     direct = direct_probabilities(trained_model, rows["sentence"].tolist())
-    expected = compute_report(rows["sentence"], rows["label"], direct)
+    expected = compute_report(rows["sentence"], rows["label"], two(direct), SST2)
     assert report["calibration"]["brier"] == pytest.approx(expected["calibration"]["brier"], abs=1e-5)
     assert report["precision"] == "float32"  # CPU scoring by default
     if not np.any(np.abs(direct - 0.5) < 1e-4):
@@ -319,7 +331,8 @@ def test_evaluate_in_int8_states_its_precision(ray_local, trained_model, sst2_sm
     assert json.loads((tmp_path / "out" / "report.json").read_text())["precision"] == INT8_DYNAMIC
     assert f"Scores computed in {INT8_DYNAMIC}." in (tmp_path / "out" / "report.md").read_text()
     rows = pd.read_parquet(data)
-    fp32 = compute_report(rows["sentence"], rows["label"], direct_probabilities(trained_model, rows["sentence"].tolist()))
+    direct = direct_probabilities(trained_model, rows["sentence"].tolist())
+    fp32 = compute_report(rows["sentence"], rows["label"], two(direct), SST2)
     assert report["n"] == 101 and abs(report["accuracy"] - fp32["accuracy"]) <= 0.05  # int8 costs little
 
 
@@ -332,17 +345,18 @@ def test_training_report_into_model_dir(ray_local, trained_model, sst2_small, tm
     history = [{"epoch": e, "train_loss": 0.7 / e, "eval_loss": 0.6 / e, "accuracy": 0.5 + 0.1 * e,
                 "eval_samples": 101, "train_samples": 800} for e in (1, 2)]
     cfg = Config(name="tiny", model=trained_model, eval_batch_size=32, num_actors=1)
-    metrics = {"epochs": history, "accuracy": 0.7, "best_epoch": 2, "hardware": "CPU", "total_flops": 1.0,
+    metrics = {"epochs": history, "task": SST2.to_dict(), "accuracy": 0.7, "best_epoch": 2, "hardware": "CPU",
+               "total_flops": 1.0,
                **{f"train_{k}_per_second": 1.0 for k in ("samples", "tokens", "steps")}}
     (model_dir / "metrics.json").write_text(json.dumps(metrics))
-    (model_dir / "README.md").write_text(model_card(metrics, cfg))
+    (model_dir / "README.md").write_text(model_card(metrics, cfg, SST2))
     validation = pd.read_parquet(sst2_small / "validation.parquet")[["sentence", "label"]]
 
     section = training_report(str(model_dir), validation, cfg=cfg)
     assert section.startswith("## Evaluation report")
     eval_dir = model_dir / "eval"
     assert json.loads((eval_dir / "report.json").read_text())["n"] == 101
-    for png in (*FIGURES.values(), "training_curves.png"):
+    for png in (*figures_for({}).values(), "training_curves.png"):
         assert is_png(eval_dir / png), png
     card = (model_dir / "README.md").read_text()
     assert card.count("## Evaluation report") == 1

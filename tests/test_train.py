@@ -195,12 +195,13 @@ def test_killed_job_resumes_at_epoch_two(tiny_model, tmp_path):
 @pytest.mark.timeout(300)
 def test_killed_worker_restarts_from_checkpoint(ray_local, tiny_model, tmp_path):
     from ray.util.state import list_actors
-    from raysst.data import load_sst2, to_ray_datasets
+    from raysst.data import load_data, to_ray_datasets
     from raysst.train import build_trainer
 
     cfg = tiny_cfg(tiny_model, SST2, tmp_path, epochs=3, max_train_samples=6000, max_failures=1)
-    train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
-    trainer = build_trainer(cfg, to_ray_datasets(train, validation, cfg.model, cfg.max_seq_length), len(train))
+    train, validation, task = load_data(cfg)
+    trainer = build_trainer(cfg, to_ray_datasets(train, validation, cfg.model, cfg.max_seq_length), len(train),
+                            task)
     outcome = {}
     fit = threading.Thread(target=lambda: outcome.setdefault("result", trainer.fit()))
     fit.start()
