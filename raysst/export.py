@@ -21,7 +21,7 @@ from raysst.config import Config
 from raysst.data import Columns
 from raysst.evaluate import compute_report, evaluate_model, scored_dir_for, write_report
 from raysst.models import precision_name
-from raysst.task import Task, best_row, describe, metric_mode
+from raysst.task import TITLES, Task, best_row, describe, metric_mode
 from raysst.report import CURVES, card_section, with_card_section
 from raysst.storage import (HISTORY_FILE, PREDICTIONS_FILE, STATE_FILE, copy_to, filesystem, local_dir, read_text,
                             write_text)
@@ -120,7 +120,7 @@ from transformers import pipeline
 
 ## Training results
 
-| Epoch | Training Loss | Validation Loss | {" | ".join(names)} | Workers |
+| Epoch | Training Loss | Validation Loss | {" | ".join(TITLES[m] for m in names)} | Workers |
 |:-----:|:-------------:|:---------------:|{":---:|" * len(names)}:-------:|
 {rows}
 

@@ -78,11 +78,11 @@ def score_driver_fn(cfg: Config) -> dict:
     if not cfg.input or not cfg.output:
         raise ValueError("score needs an input (--input FILE|DIR|GLOB|URI) and an output (--output DIR|URI)")
     output = expand_path(cfg.output).rstrip("/")
+    todo, done, skipped, ignored, decoded, chunk_rows = plan(cfg, output)
+    cfg = cfg.replace(chunk_rows=chunk_rows)
     model = resolve_model(cfg.model)
     # The model's task (labels, kind, output columns), read from its config.json before any actor starts.
     task = model_task(AutoConfig.from_pretrained(model), cfg.task, cfg.labels, cfg.threshold)
-    todo, done, skipped, ignored, decoded, chunk_rows = plan(cfg, output)
-    cfg = cfg.replace(chunk_rows=chunk_rows)
     per_file: dict[str, Counter] = {rel: count_parts(parts, task) for rel, parts in done.items()}
     n_resumed = sum(map(len, done.values()))
     if done:

@@ -30,6 +30,8 @@ PROBLEM_TYPES = {SINGLE: "single_label_classification", MULTI: "multi_label_clas
                  REGRESSION: "regression"}
 METRICS = {SINGLE: ("accuracy", "macro_f1"), MULTI: ("micro_f1", "macro_f1"), REGRESSION: ("pearson", "spearman")}
 LOWER_IS_BETTER = ("eval_loss",)
+TITLES = {"accuracy": "Accuracy", "macro_f1": "Macro F1", "micro_f1": "Micro F1", "pearson": "Pearson",
+          "spearman": "Spearman", "eval_loss": "Validation Loss"}
 MAX_PROB_COLUMNS = 32  # past this many classes the per-class probabilities go in one list column, `probs`
 VALUE = "value"  # a regression model's one output, and its label name
 

@@ -241,7 +241,7 @@ def test_run_on_object_storage_exports_a_model_with_its_report(tiny_model, sst2_
         assert not (ROOT / "runs" / "raysst" / "s3run").exists()  # Result.path alone once sent the model there
         copy_files("runs/raysst/s3run", str(tmp_path / "run"), source_filesystem=store)
     model_dir = tmp_path / "run" / "model"
-    assert (tmp_path / "run" / "checkpoint_epoch_001" / "validation_prob_positive.npy").exists()
+    assert (tmp_path / "run" / "checkpoint_epoch_001" / "validation_outputs.npy").exists()
     metrics = json.loads((model_dir / "metrics.json").read_text())
     report = json.loads((model_dir / "eval" / "report.json").read_text())
     assert report["n"] == 101 and report["accuracy"] == metrics["accuracy"]
