@@ -135,10 +135,10 @@ def regression(rng, n: int) -> pd.DataFrame:
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("kind, make, metric, floor", [(MULTI, multi_label, "micro_f1", 0.7),
-                                                       (REGRESSION, regression, "pearson", 0.7)])
+@pytest.mark.parametrize("kind, make, metric, floor, epochs", [(MULTI, multi_label, "micro_f1", 0.7, 10),
+                                                               (REGRESSION, regression, "pearson", 0.7, 5)])
 def test_multi_label_and_regression_train_export_score_evaluate(ray_local, tiny_model, tmp_path, kind, make,
-                                                                metric, floor):
+                                                                metric, floor, epochs):
     from transformers import pipeline
 
     from raysst.evaluate import evaluate_driver_fn
@@ -148,7 +148,7 @@ def test_multi_label_and_regression_train_export_score_evaluate(ray_local, tiny_
 
     rng = np.random.default_rng(2)
     data = write_splits(tmp_path / "data", {"train": make(rng, 480), "validation": make(rng, 90)})
-    model_dir = train_driver_fn(cfg_for(tiny_model, data, tmp_path, epochs=5))
+    model_dir = train_driver_fn(cfg_for(tiny_model, data, tmp_path, epochs=epochs))
     metrics = json.loads(Path(model_dir, "metrics.json").read_text())
     assert metrics["task"]["kind"] == kind and metrics["metric"] == metric and metrics[metric] > floor
     assert json.loads(Path(model_dir, "config.json").read_text())["problem_type"] == Task(kind).hf_config()[
@@ -163,8 +163,12 @@ def test_multi_label_and_regression_train_export_score_evaluate(ray_local, tiny_
     assert evaluated[metric] == pytest.approx(metrics[metric], abs=0.02)
     if kind == MULTI:
         assert {"labels", "prob_anger", "prob_fear", "prob_joy", "status"} <= set(out.columns)
-        scores = pipeline("text-classification", model=model_dir, top_k=None)(["road apple cherry day"])[0]
-        assert {s["label"] for s in scores if s["score"] > 0.5} == {"anger", "fear"}
+        # pipeline(top_k=None) gives every label's own sigmoid score: the scorer's probabilities, by name.
+        first = out.iloc[0]
+        scores = pipeline("text-classification", model=model_dir, top_k=None)([first["text"]])[0]
+        assert {d["label"]: round(d["score"], 4) for d in scores} == {
+            n: round(first[f"prob_{n}"], 4) for n in ("anger", "fear", "joy")}
+        assert list(first["labels"]) == [n for n in ("anger", "fear", "joy") if first[f"prob_{n}"] > 0.5]
         assert (Path(tmp_path, "eval", "per_label_f1.png")).is_file()
     else:
         assert {"value", "status"} <= set(out.columns) and "label" in out.columns  # the input's own label
@@ -219,7 +223,7 @@ def test_glue_tasks_pick_their_columns(tmp_path):
     from raysst.data import load_data
 
     rng = np.random.default_rng(3)
-    frame = pairs(rng, 20).assign(label=lambda f: (f.label == "same").astype(int))
+    frame = pairs(rng, 20).assign(label=lambda f: (f.label == "both").astype(int))
     data = write_splits(tmp_path / "mrpc", {"train": frame, "validation": frame})
     train, validation, task = load_data(Config(data=data))  # named after the task: read as MRPC
     assert task.labels == ("not_equivalent", "equivalent") and "sentence_pair" in train
