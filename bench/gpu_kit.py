@@ -25,9 +25,10 @@ import zipfile
 from pathlib import Path
 from typing import Iterable, Optional
 
+from gpu_needs import IMAGE_PACKAGES, image_packages, unmet
+
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
-IMAGE_PACKAGES = ROOT / "bench" / "gpu_image.txt"
 LIMIT_BYTES = 60 * 2**20  # 64 MiB travel per call, less room for the tracked tree
 
 RAY = "ray==2.60.0"
@@ -37,7 +38,6 @@ RAY = "ray==2.60.0"
 DEPS = ("jsonschema==4.26.0", "jsonschema-specifications==2025.9.1", "referencing==0.37.0", "rpds-py==2026.9.1",
         "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0", "typing-inspection==0.4.5",
         "tensorboardX==2.6.5", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19")
-RAY_EXTRAS = ("data", "train", "tune")  # the parts of Ray the check uses, whose needs must be met
 # What Python never loads from Ray's wheel: the Java worker, and the dashboard front end's source maps.
 DROP = re.compile(r"^ray/jars/ray_dist\.jar$|^ray/dashboard/client/build/.*\.map$")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
@@ -45,7 +45,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 # pip's words when the index cannot be reached, as against a pin it does not know.
 OFFLINE = ("NewConnectionError", "Max retries exceeded", "Temporary failure in name resolution",
-           "Network is unreachable", "ConnectTimeout", "ReadTimeout", "(from versions: none)")
+           "Network is unreachable", "ConnectTimeout", "ReadTimeout", "ProxyError")
 
 
 class KitError(RuntimeError):
@@ -56,22 +56,13 @@ class RegistryUnreachable(KitError):
     """pip could not reach the package index."""
 
 
-def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def image_packages(path: Path = IMAGE_PACKAGES) -> dict[str, Optional[str]]:
-    """The GPU image's packages: normalized name -> version, where one is known (else None)."""
-    lines = (line.strip() for line in path.read_text().splitlines())
-    pairs = (line.partition("==") for line in lines if line and not line.startswith("#"))
-    return {normalize(name): version or None for name, _, version in pairs}
-
-
 def download(specs: Iterable[str], python: str, dest: Path) -> list[Path]:
     """Binary wheels of `specs`, none of their needs, for CPython `python` on manylinux x86-64."""
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-           python, "--implementation", "cp", *(f"--platform={p}" for p in PLATFORMS), "-d", str(dest), *specs]
+    # Few retries and a short socket timeout: an unreachable index should say so in seconds, not retry for minutes.
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--retries", "2", "--timeout", "60", "--no-deps",
+           "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
+           *(f"--platform={p}" for p in PLATFORMS), "-d", str(dest), *specs]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         error = RegistryUnreachable if any(word in done.stderr for word in OFFLINE) else KitError
@@ -98,44 +89,6 @@ def repack(wheel: Path, dest: Path, drop: re.Pattern = DROP) -> dict:
         raise KitError(f"{wheel.name} holds none of the files the kit drops ({drop.pattern}): a new layout? "
                        "Check its largest members before changing the pin.")
     return {"wheel": out.name, "dropped": dropped, "bytes_before": wheel.stat().st_size, "bytes": out.stat().st_size}
-
-
-def requirements(wheel: Path, python: str, extras: Iterable[str] = ()) -> list:
-    """What `wheel` requires on Linux under CPython `python`, with `extras` (packaging Requirements)."""
-    from packaging.requirements import Requirement
-
-    with zipfile.ZipFile(wheel) as z:
-        metadata = z.read(next(n for n in z.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n))).decode()
-    env = {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
-           "platform_system": "Linux", "implementation_name": "cpython"}
-    reqs = (Requirement(line.split(":", 1)[1].strip()) for line in metadata.splitlines()
-            if line.startswith("Requires-Dist:"))
-    return [r for r in reqs if not r.marker or any(r.marker.evaluate({**env, "extra": e}) for e in ("", *extras))]
-
-
-def wheel_name_version(wheel: Path) -> tuple[str, str]:
-    name, version = wheel.name.split("-")[:2]
-    return normalize(name), version
-
-
-def unmet(wheels: Iterable[Path], python: str, image: dict[str, Optional[str]]) -> dict[str, list[str]]:
-    """For each wheel, what it requires that neither the image nor another wheel of the kit provides, or that
-    they provide in a version outside its specifier (where the version is known)."""
-    wheels = list(wheels)
-    have = {**image, **dict(wheel_name_version(w) for w in wheels)}
-    gaps = {}
-    for w in wheels:
-        extras = RAY_EXTRAS if wheel_name_version(w)[0] == "ray" else ()
-        missing = set()
-        for r in requirements(w, python, extras):
-            there = have.get(normalize(r.name), "absent")
-            if there == "absent":
-                missing.add(f"{r.name}{r.specifier}")
-            elif there and not r.specifier.contains(there, prereleases=True):
-                missing.add(f"{r.name}{r.specifier} (there: {there})")
-        if missing:
-            gaps[w.name] = sorted(missing)
-    return gaps
 
 
 def packaged_tokenizer() -> Path:
