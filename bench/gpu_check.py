@@ -55,8 +55,6 @@ TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2
              "max_position_embeddings": 128}
 
 
-
-
 def write_corpus(data: str, directory: Path, rows: int, files: int) -> Path:
     """`rows` SST-2 train sentences (repeated as needed) as `files` parquet files, with an id column."""
     import numpy as np
@@ -129,12 +127,6 @@ def _last_json(out: str) -> Optional[dict]:
     return None
 
 
-
-
-
-
-
-
 def make_model(directory: Path, tokenizer: str, tiny: bool) -> dict:
     """The model every step uses: bert-base-uncased's shape (or a tiny BERT), random weights."""
     from raysst.models import make_random_model
@@ -157,7 +149,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--data", default=SST2, help="SST-2 directory (train split also feeds the scoring corpus)")
     parser.add_argument("--tokenizer", default=PACKAGED_MINILM,
                         help="tokenizer for the random model (default: the packaged MiniLM's, bert-base-uncased's vocab)")
-    parser.add_argument("--kit", type=Path, help="a carry kit (bench/gpu_kit.py): its SST-2 and tokenizer")
+    parser.add_argument("--kit", type=Path,
+                        help="a carry kit (bench/gpu_kit.py): its SST-2 and tokenizer, over --data and --tokenizer")
     parser.add_argument("--out", type=Path, help="also write gpu_check.txt (versions, table) and gpu_check.json here")
     parser.add_argument("--train-timeout", type=int, help="seconds each training step may take (default: by size)")
     parser.add_argument("--score-timeout", type=int, help="seconds the scoring step may take (default: by size)")

@@ -82,8 +82,7 @@ def repack(wheel: Path, dest: Path, drop: re.Pattern = DROP) -> dict:
             data = src.read(info)
             if info.filename.endswith(".dist-info/RECORD"):  # pip checks that RECORD names the wheel's files
                 lines = data.decode().splitlines(keepends=True)
-                data = "".join(line for line in lines if line.split(",", 1)[0] not in dropped
-                               and not drop.match(line.split(",", 1)[0])).encode()
+                data = "".join(line for line in lines if not drop.match(line.split(",", 1)[0])).encode()
             dst.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=6)
     if not dropped:
         raise KitError(f"{wheel.name} holds none of the files the kit drops ({drop.pattern}): a new layout? "
@@ -144,6 +143,7 @@ def build(out: Path, python: str = "3.12", data: Path = SST2, tokenizer: Optiona
                            f"{summary(manifest, staging)}")
         if out.exists():
             shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staging), out)
     return manifest
 
