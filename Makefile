@@ -11,7 +11,7 @@ RUNS   ?= $(abspath runs)
 ARGS   ?=
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run train-local test lint clean
+.PHONY: setup run train-local test lint clean gpu-kit
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,12 @@ train-local: setup
 
 test: setup
 	python -m pytest -q
+
+# .gpu-kit/ (ignored): what bench/gpu_check.py needs on a lent GPU machine that its image lacks, at most 60 MiB;
+# then the device tool's `run` arguments for it (README, "GPU check").
+gpu-kit: setup
+	python bench/gpu_kit.py --out .gpu-kit
+	python bench/gpu_check.py --kit .gpu-kit --print-command
 
 lint: setup
 	ruff check raysst jobs tests bench

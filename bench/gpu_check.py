@@ -3,6 +3,10 @@ model on one GPU.
 
     python bench/gpu_check.py                # needs a CUDA GPU; a few minutes, at most 10
     python bench/gpu_check.py --cpu-smoke    # the same steps on CPU with a tiny model and tiny data (tests)
+    python bench/gpu_check.py --kit .gpu-kit --print-command   # the device tool's `run` arguments, as JSON
+
+With --kit (bench/gpu_kit.py builds one: `make gpu-kit`) the data and tokenizer come from the kit, which
+is checked against its manifest first; with --out the table and the JSON line are also written there.
 
 The model has bert-base-uncased's shape and random weights (the Hub is out of reach): its speed is real,
 its accuracy is not. Training is bench/bench_train.py's `gpu` part (the project's Ray Train trainer, one
@@ -11,7 +15,7 @@ batch and precision (`hf-gpu`), so the check prints our speed as a ratio to it; 
 (Ray Data, one GPU model actor, bf16) over ~200k SST-2 sentences. Each step runs in its own process group
 under a time limit, so a step that fails or hangs still leaves the others' figures. Prints the versions,
 then a table, then the table as one JSON line. Exit status: 0 when every step passed, 1 when one failed,
-2 without a CUDA device.
+2 without a CUDA device, 3 when the kit does not match its manifest.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -34,6 +37,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 BENCH_TRAIN = ROOT / "bench" / "bench_train.py"
 
 from bench_train import SST2  # noqa: E402  (the training benchmark's SST-2 default)
+from gpu_kit import KitError, kit_paths  # noqa: E402
+from gpu_plan import run_arguments  # noqa: E402
+from gpu_report import describe, speedup, table, versions  # noqa: E402
 from raysst.config import PACKAGED_MINILM  # noqa: E402
 
 # The full check and the CPU smoke run take the same steps; only the sizes differ.
@@ -47,28 +53,6 @@ SIZES = {
 SMOKE_SPLITS = {"train": 64, "validation": 32}  # rows of each split that the CPU smoke run trains and evaluates on
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
              "max_position_embeddings": 128}
-
-
-def versions() -> dict:
-    """What the figures depend on: the device, the driver, torch and CUDA, Ray, transformers."""
-    import ray
-    import torch
-    import transformers
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "ray": ray.__version__, "transformers": transformers.__version__}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    compute_capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported())
-        try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
-        except (OSError, IndexError, subprocess.SubprocessError):
-            info["driver"] = "unknown (no nvidia-smi)"
-    else:
-        info["gpu"] = "none (CPU smoke run)"
-    return info
 
 
 def write_corpus(data: str, directory: Path, rows: int, files: int) -> Path:
@@ -143,43 +127,6 @@ def _last_json(out: str) -> Optional[dict]:
     return None
 
 
-def table(rows: list[dict]) -> str:
-    """One line per step: its figure, what it was measured on, its wall time."""
-    lines = [f"{'step':<7} {'result':<68} {'wall':>8}"]
-    for r in rows:
-        res = r["result"] or {}
-        if not r["ok"]:
-            text = f"FAILED: {r['error']}"
-        elif r["step"] == "model":
-            text = res["shape"]
-        elif r["step"] in ("train", "hf"):
-            text = (f"{res['samples_per_second']:,.0f} samples/s ({res['train_samples']:,} samples, "
-                    f"batch {res['batch_size']}{', HF Trainer(group_by_length)' if r['step'] == 'hf' else ''})")
-        else:
-            text = f"{res['rows_per_second']:,.0f} rows/s ({res['rows']:,} rows, {res['dtype']}, batch {res['batch_size']})"
-        lines.append(f"{r['step']:<7} {text:<68} {r['wall_seconds']:>7.1f}s")
-    lines.append(f"{'total':<7} {'':<68} {sum(r['wall_seconds'] for r in rows):>7.1f}s")
-    if (ratio := speedup(rows)) is not None:
-        lines.append(f"raysst trains at {ratio:.2f}x the samples/s of HF Trainer(group_by_length) on the same work")
-    return "\n".join(lines)
-
-
-def speedup(rows: list[dict]) -> Optional[float]:
-    """Our training samples/s over HF Trainer(group_by_length)'s, when both steps gave a figure."""
-    by_step = {r["step"]: r["result"] for r in rows if r["ok"]}
-    if "train" in by_step and "hf" in by_step:
-        return by_step["train"]["samples_per_second"] / by_step["hf"]["samples_per_second"]
-    return None
-
-
-def describe(v: dict) -> str:
-    """The versions as one readable line."""
-    gpu = v["gpu"] if "driver" not in v else (f"{v['gpu']} ({v['gpu_memory_gib']} GiB, compute capability "
-                                             f"{v['compute_capability']}, driver {v['driver']})")
-    return (f"GPU: {gpu}; torch {v['torch']} (CUDA {v['cuda']}); Ray {v['ray']}; transformers {v['transformers']}; "
-            f"Python {v['python']}")
-
-
 def make_model(directory: Path, tokenizer: str, tiny: bool) -> dict:
     """The model every step uses: bert-base-uncased's shape (or a tiny BERT), random weights."""
     from raysst.models import make_random_model
@@ -202,8 +149,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--data", default=SST2, help="SST-2 directory (train split also feeds the scoring corpus)")
     parser.add_argument("--tokenizer", default=PACKAGED_MINILM,
                         help="tokenizer for the random model (default: the packaged MiniLM's, bert-base-uncased's vocab)")
+    parser.add_argument("--kit", type=Path,
+                        help="a carry kit (bench/gpu_kit.py): its SST-2 and tokenizer, over --data and --tokenizer")
+    parser.add_argument("--out", type=Path, help="also write gpu_check.txt (versions, table) and gpu_check.json here")
+    parser.add_argument("--train-timeout", type=int, help="seconds each training step may take (default: by size)")
+    parser.add_argument("--score-timeout", type=int, help="seconds the scoring step may take (default: by size)")
+    parser.add_argument("--print-command", action="store_true", help="with --kit: print the device `run` arguments")
     parser.add_argument("--score-step", nargs=4, metavar=("MODEL", "CORPUS", "OUTPUT", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.print_command:
+        print(json.dumps(run_arguments(str(args.kit or ".gpu-kit")), indent=1))
+        return 0
+    if args.kit:
+        try:
+            args.data, args.tokenizer = kit_paths(args.kit)
+        except KitError as e:
+            print(f"gpu_check: {e}", file=sys.stderr)
+            return 3
     import torch
 
     on_gpu = not args.cpu_smoke
@@ -216,7 +178,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "torch.cuda.is_available() is False). Run it on a machine with an NVIDIA GPU and its driver, "
               "or run `python bench/gpu_check.py --cpu-smoke` to try the code path on CPU.", file=sys.stderr)
         return 2
-    size = SIZES["gpu" if on_gpu else "cpu"]
+    size = {**SIZES["gpu" if on_gpu else "cpu"], **{k: v for k, v in (("train_timeout", args.train_timeout),
+                                                                       ("score_timeout", args.score_timeout)) if v}}
     info = versions()
     print(describe(info), flush=True)
     smoke = [] if on_gpu else ["--device", "cpu"]
@@ -236,9 +199,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         except Exception as e:
             rows.append({"step": "score", "ok": False, "wall_seconds": 0.0, "result": None,
                          "error": f"could not write the corpus: {type(e).__name__}: {e}"})
-    print(describe(info))
-    print(table(rows))
-    print(json.dumps({"gpu_check": rows, "speedup_vs_hf_trainer_grouped": speedup(rows), "versions": info}))
+    report = f"{describe(info)}\n{table(rows)}"
+    result = json.dumps({"gpu_check": rows, "speedup_vs_hf_trainer_grouped": speedup(rows), "versions": info})
+    print(f"{report}\n{result}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_check.txt").write_text(report + "\n")
+        (args.out / "gpu_check.json").write_text(result + "\n")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

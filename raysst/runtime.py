@@ -18,7 +18,10 @@ def init_ray(**local_options) -> None:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
-        if address == "local":
+        if address == "local" and not dashboard_installed():
+            # Ray without its dashboard's packages (the GPU machine's carry kit): a local Ray with none.
+            ray.init(address="local", runtime_env={"env_vars": QUIET_ENV}, include_dashboard=False, **local_options)
+        elif address == "local":
             local_options = {**pin_dashboard(), **local_options}
             ray.init(address="local", runtime_env={"env_vars": {
                 **QUIET_ENV, "RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]}}, **local_options)
@@ -26,6 +29,15 @@ def init_ray(**local_options) -> None:
             ray.init(address=address, runtime_env={"env_vars": QUIET_ENV})
     # Progress bars turn `ray job logs` into noise; the jobs print their own progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def dashboard_installed() -> bool:
+    """Whether Ray's dashboard can start: `ray[default]` brings its packages, a bare `ray` wheel does not."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401  (the check Ray itself makes before starting one)
+    except ImportError:
+        return False
+    return True
 
 
 def pin_dashboard() -> dict:
