@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from raysst.task import KINDS as TASK_KINDS
+from raysst.windows import COMBINES, MODES as LONG_TEXT_MODES
 
 
 TRAIN, TUNE, SCORE, EVAL = "train", "tune", "score", "evaluate"
@@ -84,7 +85,8 @@ class Config:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 turns it off)")
     head_lr_scale: float = _f(1.0, "learning-rate multiplier for the classification head (pooler and classifier)")
     dropout: Optional[float] = _f(None, "dropout rate of every dropout layer while training (default: the checkpoint's)")
-    max_seq_length: int = _f(128, "truncate inputs to this many tokens", ALL)
+    max_seq_length: int = _f(128, "tokens per model input: longer texts are truncated, or scored in windows of "
+                             "this size (--long-text)", ALL)
     max_train_samples: Optional[int] = _f(None, "train on a random slice of this many examples (0: all)")
     group_by_length: bool = _f(True, "batch examples of similar length together to cut padding")
     precision: str = _f("auto", "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16 (on a CPU too), "
@@ -115,6 +117,15 @@ class Config:
     chunk_rows: int = _f(0, "rows per chunk of a file (parquet: at most one row group): the unit scored, written "
                          "as one part and resumed; 0: the corpus in about 64 chunks of 2,000 to 100,000 rows "
                          "(a rerun keeps the first run's)", (SCORE,))
+    long_text: str = _f("head-tail", "texts longer than --max-seq-length: windows (the whole text in overlapping "
+                        "windows, their outputs combined), head-tail (the first quarter and the last three quarters "
+                        "of one window) or truncate (the head only)", (SCORE, EVAL))
+    stride: Optional[int] = _f(None, "--long-text windows: tokens each window shares with the next (default: a "
+                               "quarter of --max-seq-length)", (SCORE, EVAL))
+    max_windows: int = _f(64, "--long-text windows: windows per text at most; a longer text is scored on its first "
+                          "N-1 windows and its last one (status `capped`)", (SCORE, EVAL))
+    combine: str = _f("max-confidence", "--long-text windows: how a text's window outputs combine: mean-probs, "
+                      "mean-logits or max-confidence (regression: always the mean value)", (SCORE, EVAL))
     # Evaluate.
     models: list = _f([], "model to evaluate; repeat the flag to compare several side by side (default: `model`)",
                       (), flag={EVAL: "model"}, repeat=True)
@@ -161,6 +172,11 @@ class Config:
         _check(self.scheduler in ("asha", "none"), "scheduler", self.scheduler, "asha or none")
         _check(self.search in ("random", "optuna"), "search", self.search, "random or optuna")
         _check(self.on_bad_file in ("fail", "skip"), "on_bad_file", self.on_bad_file, "fail or skip")
+        _check(self.long_text in LONG_TEXT_MODES, "long_text", self.long_text, "one of " + ", ".join(LONG_TEXT_MODES))
+        _check(self.stride is None or 0 <= self.stride <= self.max_seq_length // 2, "stride", self.stride,
+               f"between 0 and half of --max-seq-length ({self.max_seq_length // 2})")
+        _check(self.max_windows >= 2, "max_windows", self.max_windows, "at least 2 (the first and the last window)")
+        _check(self.combine in COMBINES, "combine", self.combine, "one of " + ", ".join(COMBINES))
         _check(self.chunk_rows >= 0, "chunk_rows", self.chunk_rows, "0 (auto) or more")
         self.models = [str(m) for m in ([self.models] if isinstance(self.models, str) else self.models)]
         # Each model's report lands in a directory named after it: the same model twice would collide.
@@ -213,6 +229,11 @@ class Config:
     def per_worker_batch(self, world_size: int) -> int:
         """Each worker's micro-batch when `world_size` workers share the global batch."""
         return self.batch_size // (world_size * self.grad_accum_steps)
+
+    @property
+    def window_stride(self) -> int:
+        """Tokens shared by neighbouring windows: --stride, else a quarter of the window."""
+        return self.max_seq_length // 4 if self.stride is None else self.stride
 
     @property
     def eval_models(self) -> list:

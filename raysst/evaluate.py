@@ -22,6 +22,7 @@ from raysst.formats import DataError, find_text_column
 from raysst.metrics import compute_report, wilson_interval  # noqa: F401  (the report's API, re-exported)
 from raysst.report import figures_for, report_markdown, write_comparison
 from raysst.storage import local_dir
+from raysst.score_workers import SCORED
 from raysst.task import Task
 
 def scored_name(column: str, task: Task) -> str:
@@ -40,7 +41,7 @@ def evaluate_frame(scored: pd.DataFrame, source: str, task: Task, label_column: 
         raise DataError(f"{source}: no label column {label_column!r}; columns are {found} "
                         f"(choose one with --label-column)")
     text_col = scored_name(find_text_column(found, source, text_column), task)
-    ok = scored["status"].isin(["ok", "truncated"]).to_numpy()
+    ok = scored["status"].isin(SCORED).to_numpy()
     if not ok.any():
         raise DataError(f"{source}: no row could be scored; statuses {scored['status'].value_counts().to_dict()}")
     rows = scored[ok]
@@ -48,7 +49,8 @@ def evaluate_frame(scored: pd.DataFrame, source: str, task: Task, label_column: 
     status = scored["status"].astype(str)
     report["rows"] = {"total": len(scored), "evaluated": int(ok.sum()),
                       "not_scored": {k: int(v) for k, v in status[~ok].value_counts().items()},
-                      "truncated": int((status == "truncated").sum())}
+                      "truncated": int((status == "truncated").sum()),
+                      **({"capped": int((status == "capped").sum())} if (status == "capped").any() else {})}
     return report
 
 

@@ -61,7 +61,9 @@ def build_pipeline(todo: list[Chunk], cfg: Config, model: str, output: str, cali
         fn_constructor_kwargs={"model": model, "use_gpu": cfg.compute_on_gpu, "precision": cfg.precision,
                                "batch_size": cfg.eval_batch_size, "threads": cfg.cpus_per_worker,
                                "max_length": cfg.max_seq_length, "output": output, "task": task.to_dict(),
-                               "pair_column": cfg.text_pair_column, "calibration": tuple(calibration)},
+                               "pair_column": cfg.text_pair_column, "calibration": tuple(calibration),
+                               "long_text": cfg.long_text, "stride": cfg.window_stride,
+                               "max_windows": cfg.max_windows, "combine": cfg.combine},
         num_cpus=1 if cfg.use_gpu else cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)
 
 
@@ -126,6 +128,7 @@ def score_driver_fn(cfg: Config) -> dict:
         "files_ignored": ignored, "files_decoded": decoded,
         "chunks": {"rows_per_chunk": cfg.chunk_rows, "resumed": n_resumed, "scored_this_run": scored["chunks"]},
         "wall_seconds": round(wall, 3), "rows_per_second": round(scored["rows"] / wall, 1),
+        "long_text": long_text_summary(cfg, scored, wall),
         # Where the time went: the driver's planning, and each stage summed over the actors' calls.
         "seconds_by_stage": {"plan": round(plan_s, 3),
                              **{s: round(scored[("seconds", s)], 3) for s in STAGES}},
@@ -141,6 +144,19 @@ def score_driver_fn(cfg: Config) -> dict:
           f"{summary['rows_per_second']:,} rows/s, {len(skipped)} files skipped); "
           f"statuses {summary['status_counts']}; seconds by stage {summary['seconds_by_stage']}", flush=True)
     return summary
+
+
+def long_text_summary(cfg: Config, scored: Counter, wall: float) -> dict:
+    """How long texts were read, and the windows and tokens through the model this run, per second of the
+    whole run and of the actors' model stage."""
+    model_s = scored[("seconds", "model")]
+    return {"mode": cfg.long_text, "max_seq_length": cfg.max_seq_length, "stride": cfg.window_stride,
+            "max_windows": cfg.max_windows, "combine": cfg.combine,
+            "windows_scored_this_run": scored["windows"], "tokens_scored_this_run": scored["tokens"],
+            "windows_per_second": round(scored["windows"] / wall, 1),
+            "tokens_per_second": round(scored["tokens"] / wall, 1),
+            "model_windows_per_second": round(scored["windows"] / model_s, 1) if model_s else 0.0,
+            "model_tokens_per_second": round(scored["tokens"] / model_s, 1) if model_s else 0.0}
 
 
 def _run(ds, todo: list[Chunk], per_file: dict, skipped: list, fail: bool, t0: float) -> Counter:

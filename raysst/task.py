@@ -166,10 +166,11 @@ class Task:
         return names if len(names) <= MAX_PROB_COLUMNS and len(set(names)) == len(names) else None
 
     def output_columns(self) -> tuple:
+        """The scorer's columns: the task's outputs, then `windows` (windows scored for the row) and `status`."""
         if self.kind == REGRESSION:
-            return (VALUE, "status")
+            return (VALUE, "windows", "status")
         probs = tuple(self.prob_columns() or ["probs"])
-        return (("label", "score") if self.kind == SINGLE else ("labels",)) + probs + ("status",)
+        return (("label", "score") if self.kind == SINGLE else ("labels",)) + probs + ("windows", "status")
 
     def output_arrays(self, outputs: np.ndarray, valid: np.ndarray) -> dict:
         """The scored columns (all but `status`) of (rows, num_labels) outputs; null where not `valid`."""

@@ -108,7 +108,7 @@ def scored(tmp_path_factory, scoring_model, sst2_small, ray_local):
     root = tmp_path_factory.mktemp("score")
     expect = make_corpus(root / "in", sst2_small)
     cfg = Config(model=scoring_model, input=str(root / "in"), output=str(root / "out"), on_bad_file="skip",
-                 max_seq_length=MAX_LEN, eval_batch_size=8, num_actors=2)
+                 max_seq_length=MAX_LEN, eval_batch_size=8, num_actors=2, long_text="truncate")
     return cfg, expect, score_driver_fn(cfg)
 
 

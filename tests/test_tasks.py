@@ -187,8 +187,8 @@ def test_classifiers_from_elsewhere_give_their_columns(ray_local, tmp_path, sst2
     topics = make_random_model(str(tmp_path / "topics"), task=Task(SINGLE, ("sport", "world", "tech")), **shape)
     tags = make_random_model(str(tmp_path / "tags"), task=Task(MULTI, ("toxic", "insult")), **shape)
     data = str(sst2_small / "validation.parquet")
-    for model, columns in ((topics, ["label", "score", "prob_sport", "prob_world", "prob_tech", "status"]),
-                           (tags, ["labels", "prob_toxic", "prob_insult", "status"])):
+    for model, columns in ((topics, ["label", "score", "prob_sport", "prob_world", "prob_tech", "windows", "status"]),
+                           (tags, ["labels", "prob_toxic", "prob_insult", "windows", "status"])):
         out = tmp_path / Path(model).name / "out"
         summary = score_driver_fn(Config(model=model, input=data, output=str(out), num_actors=1))
         scored = read_scored(str(out))
