@@ -227,6 +227,8 @@ def combine(logits: np.ndarray, owner: np.ndarray, rows: int, task, rule: str) -
     probs = task.outputs(torch.from_numpy(logits)).numpy()
     out = np.full((rows, task.num_labels), np.nan, np.float32)
     has = counts > 0
+    if not has.any():  # a chunk of nulls and empty texts only
+        return out, counts
     if rule == "mean-probs" or task.kind == REGRESSION:
         out[has] = _mean(probs, owner, rows)[has]
     elif rule == "mean-logits":

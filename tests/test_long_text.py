@@ -138,6 +138,8 @@ def test_windows_combine_into_one_output_per_row_for_every_task_shape(kind, labe
             for col in range(2):
                 assert out[0, col] == probs[np.argmax(np.abs(probs[:3, col] - 0.5)), col]
     one, _ = combine(logits[:1], np.array([0]), 1, task, "mean-probs")
+    none, counts = combine(logits[:0], owner[:0], 3, task, "max-confidence")  # a chunk of nulls only
+    assert np.isnan(none).all() and counts.tolist() == [0, 0, 0]
     assert np.array_equal(one[0], probs[0])  # one window: exactly its own output
 
 
