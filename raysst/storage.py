@@ -10,7 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-STATE_FILE = "train_state.pt"  # optimizer, schedule and scaler state, the epoch and the history
+# Optimizer, schedule and scaler state, the epoch and the history, without pickle (raysst.train_state): the
+# tensors, the rest as JSON, and the torch.save file that checkpoints held before them.
+STATE_FILES = ("train_state.safetensors", "train_state.json", "train_state.pt")
 HISTORY_FILE = "history.json"  # one row of metrics per epoch, readable without torch
 # The epoch's own validation pass: each validation row's probability of `positive`, in file order (numpy).
 PREDICTIONS_FILE = "validation_prob_positive.npy"
