@@ -12,10 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir 
 from raysst.capacity import CapacityError  # noqa: E402
 from raysst.config import SCORE  # noqa: E402
 from raysst.cli import parse_config  # noqa: E402
+from raysst.lease import LeaseError  # noqa: E402
 from raysst.score import score_driver_fn  # noqa: E402
 
 if __name__ == "__main__":
     try:
         score_driver_fn(parse_config(SCORE, description=__doc__))
-    except CapacityError as e:
+    except (CapacityError, LeaseError) as e:
         sys.exit(f"score: {e}")

@@ -17,8 +17,9 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from raysst.config import LABEL_NAMES, Config
+from raysst.config import LABEL_NAMES, Config, expand_path
 from raysst.formats import DataError, find_text_column
+from raysst.lease import Lease, holding
 from raysst.data import normalize_labels
 from raysst.report import FIGURES, report_markdown, write_comparison
 from raysst.storage import local_dir
@@ -159,16 +160,17 @@ def model_names(models: Sequence[str]) -> list:
     return [f"{i}_{n}" for i, n in enumerate(names)]
 
 
-def evaluate_model(cfg: Config, out_dir: str, scored_dir: str) -> dict:
+def evaluate_model(cfg: Config, out_dir: str, scored_dir: str, lease: Optional[Lease] = None) -> dict:
     """Score cfg.input with cfg.model (the batch scorer) into `scored_dir`, then write the report to `out_dir`.
 
     The scorer resumes from the parts it finds, so `scored_dir` is emptied first: a retrained model
-    at the same path must not be judged on its predecessor's scores.
+    at the same path must not be judged on its predecessor's scores. `lease`: the caller's on the output that
+    holds `scored_dir` (else the scorer takes one on `scored_dir`).
     """
     from raysst.score import read_scored, score_driver_fn
 
     shutil.rmtree(scored_dir, ignore_errors=True)
-    summary = score_driver_fn(cfg.replace(output=scored_dir, models=[]))
+    summary = score_driver_fn(cfg.replace(output=scored_dir, models=[]), lease)
     # The precision belongs next to the scores: int8 probabilities differ a little from fp32 ones.
     report = {"model": cfg.model, "data": cfg.input, "label_column": cfg.label_column,
               "precision": summary["hardware"]["dtype"],
@@ -201,16 +203,20 @@ def evaluate_driver_fn(cfg: Config) -> dict:
     if not cfg.input or not cfg.output:
         raise ValueError("evaluate needs --data (labeled file, directory or glob) and --output (directory)")
     require_label_column(cfg.input, cfg.label_column)
-    init_ray()
-    models = cfg.eval_models
-    names = model_names(models)
-    reports = {}
-    for model, name in zip(models, names):
-        out = cfg.output if len(models) == 1 else posixpath.join(cfg.output, name)
-        with scored_dir_for(cfg.output, name) as scored:
-            reports[name] = evaluate_model(cfg.replace(model=model), out, scored)
-    if len(models) > 1:
-        write_comparison(reports, cfg.output)
+    # One job per output: a second one would empty the scored parts this one is writing.
+    with holding(expand_path(cfg.output).rstrip("/"), "evaluate", cfg.lease_timeout, cfg.take_over) as lease:
+        lease.confirm()
+        init_ray()
+        lease.note_ray()
+        models = cfg.eval_models
+        names = model_names(models)
+        reports = {}
+        for model, name in zip(models, names):
+            out = cfg.output if len(models) == 1 else posixpath.join(cfg.output, name)
+            with scored_dir_for(cfg.output, name) as scored:
+                reports[name] = evaluate_model(cfg.replace(model=model), out, scored, lease)
+        if len(models) > 1:
+            write_comparison(reports, cfg.output)
     return reports
 
 

@@ -66,6 +66,21 @@ def write_text(path: str, text: str) -> None:
         f.write(text.encode())
 
 
+def commit_text(path: str, text: str, tmp_prefix: str = "_tmp-") -> None:
+    """Write `path` whole or not at all, replacing what is there: locally a temporary name beside it, then
+    os.replace; in an object store one PUT (an object appears only complete)."""
+    import os
+    import uuid
+
+    if "://" in path:
+        write_text(path, text)
+        return
+    directory, name = posixpath.split(str(Path(path).expanduser().absolute()))
+    tmp = f"{directory}/{tmp_prefix}{uuid.uuid4().hex}-{name}"
+    write_text(tmp, text)
+    os.replace(tmp, path)
+
+
 @contextmanager
 def local_dir(dest: str) -> Iterator[Path]:
     """`dest` itself when local; for a URI, a temporary directory copied into `dest` at the end."""
