@@ -76,7 +76,7 @@ def score_driver_fn(cfg: Config, lease: Optional[Lease] = None) -> dict:
     output = expand_path(cfg.output).rstrip("/")
     if lease:
         return _score(cfg, output, lease, t0)
-    with holding(output, "score", cfg.lease_timeout, cfg.take_over) as held:  # before the plan reads the parts
+    with holding(output, "score", cfg.lease_timeout, cfg.take_over) as held:  # a live holder: refused at once
         return _score(cfg, output, held, t0)
 
 
@@ -95,7 +95,7 @@ def _score(cfg: Config, output: str, lease: Lease, t0: float) -> dict:
         print(f"[raysst] score: resuming; {n_resumed} chunks of {len(done)} files are already scored, "
               f"{len(todo)} to go", flush=True)
     plan_s = time.perf_counter() - t0
-    lease.confirm()  # read back while the plan was made: of two jobs started together, one goes on
+    lease.take()  # after the plan: a job that cannot run leaves nothing behind; read back while Ray starts
     init_ray()
     lease.note_ray()
     # An actor without a chunk would only load the model: a small input (an evaluation set) starts fewer.
@@ -104,6 +104,7 @@ def _score(cfg: Config, output: str, lease: Lease, t0: float) -> dict:
     wait_for_capacity({"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}, cfg.num_actors,
                       "scoring", "Lower --num-workers or --cpus-per-worker" + (", or drop --use-gpu" * cfg.use_gpu),
                       cfg.wait_for_nodes)
+    lease.confirm()  # of two jobs started together, one goes on
     check_plan_file(output, cfg.chunk_rows)  # the first write: a job that cannot run leaves nothing behind
     remove_temporaries(output)
     scored = Counter()

@@ -15,7 +15,8 @@ import uuid
 import pytest
 
 from servers import moto_s3
-from raysst.lease import LEASE_FILE, LeaseHeld, LeaseLost, acquire, identity, read_lease, why_dead
+from raysst.lease import LEASE_FILE, LeaseHeld, LeaseLost, acquire, read_lease
+from raysst.liveness import identity, why_dead
 from raysst.storage import commit_text, read_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,3 +160,19 @@ def test_a_lease_whose_ray_job_ended_on_this_cluster_is_dead(ray_local, tmp_path
     assert why_dead(alive) is None
     assert why_dead({**lease, "ray": {"cluster": "another-cluster", "job": ended}}) is None
     assert json.loads(read_text(f"{out}/{LEASE_FILE}"))["host"] == "elsewhere"
+
+
+def test_an_evaluation_is_refused_before_it_empties_the_scores_being_written(tiny_model, sst2_small, tmp_path):
+    """evaluate empties its scored directory first: under another job's live lease it must not get that far."""
+    from raysst.config import Config
+    from raysst.evaluate import evaluate_driver_fn, model_names
+
+    out = tmp_path / "eval"
+    part = out / "scored" / model_names([tiny_model])[0] / "part-00000.parquet"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"PAR1 being written by the holder")
+    forge(str(out), host="elsewhere")
+    cfg = Config(model=tiny_model, input=str(sst2_small / "validation.parquet"), output=str(out), num_actors=1)
+    with pytest.raises(LeaseHeld, match=held_message(str(out), "elsewhere")):
+        evaluate_driver_fn(cfg)
+    assert part.exists()
