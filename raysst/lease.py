@@ -35,6 +35,7 @@ LEASE_FILE = "_lease.json"
 TMP_PREFIX = "_lease-tmp-"  # not score_workers' `_tmp-`: the holder's cleanup must not delete a rival's write
 SETTLE_S = 1.0  # far longer than a job takes from reading the lease to writing its own
 BEATS_PER_TIMEOUT = 4
+FIELDS = ("token", "job_id", "host", "pid", "pid_started", "started", "heartbeat", "timeout_s")  # what judging reads
 
 
 class LeaseError(RuntimeError):
@@ -60,7 +61,7 @@ def read_lease(path: str) -> Optional[dict]:
         return None
     try:
         lease = json.loads(text)
-        missing = {"token", "heartbeat", "timeout_s"} - set(lease)
+        missing = set(FIELDS) - set(lease)
     except (ValueError, TypeError) as e:
         missing = {str(e)}
     if missing:

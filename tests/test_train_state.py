@@ -112,25 +112,31 @@ def test_restarted_run_resumes_from_new_and_legacy_state_and_refuses_a_planted_o
     checkpoint rewritten as today's torch.save file and rerun to 3 (resuming from it), then that file
     replaced by one that runs code when unpickled: the rerun to 4 fails naming the file, and the code never ran."""
     from raysst.config import Config
-    from raysst.train import train_driver_fn
+    from raysst.data import load_sst2, to_ray_datasets
+    from raysst.train import build_trainer
 
     cfg = Config(model=tiny_model, data=str(sst2_small), storage_path=str(tmp_path / "runs"), name="run", num_workers=1,
-                 epochs=1, lr=1e-3, batch_size=16, eval_batch_size=64, num_actors=1, max_failures=0)
+                 epochs=1, lr=1e-3, batch_size=16, eval_batch_size=64, max_failures=0)
+    train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
+    datasets = to_ray_datasets(train, validation, cfg.model, cfg.max_seq_length)
     run_dir = tmp_path / "runs" / "run"
 
-    def epochs_run(model_dir: str) -> list:
-        return [(r["epoch"], r["start_epoch"]) for r in json.loads((Path(model_dir) / "metrics.json").read_text())["epochs"]]
+    def run_to(epochs: int) -> list:
+        """(epoch, the epoch its run started at) for every epoch of the run's history, after training to `epochs`."""
+        result = build_trainer(cfg.replace(epochs=epochs), datasets, len(train)).fit()
+        with result.checkpoint.as_directory() as latest:
+            return [(r["epoch"], r["start_epoch"]) for r in json.loads((Path(latest) / "history.json").read_text())]
 
-    assert epochs_run(train_driver_fn(cfg)) == [(1, 1)]
+    assert run_to(1) == [(1, 1)]
     assert not (latest_checkpoint(run_dir) / LEGACY_FILE).exists()
-    assert epochs_run(train_driver_fn(cfg.replace(epochs=2))) == [(1, 1), (2, 2)]
+    assert run_to(2) == [(1, 1), (2, 2)]
     assert "resuming from the checkpoint of epoch 1" in capfd.readouterr().out
 
     legacy = latest_checkpoint(run_dir)  # epoch 2's, in the new files: rewritten as raysst wrote it before
     torch.save(load_state(legacy), legacy / LEGACY_FILE)
     (legacy / TENSORS_FILE).unlink()
     (legacy / STRUCTURE_FILE).unlink()
-    assert epochs_run(train_driver_fn(cfg.replace(epochs=3))) == [(1, 1), (2, 2), (3, 3)]
+    assert run_to(3) == [(1, 1), (2, 2), (3, 3)]
     assert "resuming from the checkpoint of epoch 2" in capfd.readouterr().out
 
     planted, marker = latest_checkpoint(run_dir), tmp_path / "marker"
@@ -139,5 +145,5 @@ def test_restarted_run_resumes_from_new_and_legacy_state_and_refuses_a_planted_o
     (planted / STRUCTURE_FILE).unlink()
     torch.save({**state, "optimizer": Payload(marker)}, planted / LEGACY_FILE)
     with pytest.raises(Exception, match=rf"{planted / LEGACY_FILE}: refused"):
-        train_driver_fn(cfg.replace(epochs=4))
+        run_to(4)
     assert not marker.exists()
