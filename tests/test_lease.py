@@ -39,6 +39,16 @@ def held_message(output: str, host: str) -> str:
             rf"is writing to {re.escape(output)}; wait for it, or pass --take-over if it is dead")
 
 
+def eventually(condition, within_s: float = 10.0) -> bool:
+    """Whether `condition()` holds within `within_s` (a loaded machine delays the heartbeat thread)."""
+    deadline = time.time() + within_s
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def forge(output: str, **fields) -> dict:
     """A lease as another job would have written it: this process's identity unless `fields` say otherwise."""
     lease = {"token": "f" * 32, "job_id": "score-ffffffff", "job": "score", **identity(),
@@ -53,8 +63,7 @@ def test_a_second_job_is_refused_while_the_holder_renews(output):
     with pytest.raises(LeaseHeld, match=held_message(output, identity()["host"])):
         acquire(output, "score", timeout_s=2)
     beat = read_lease(f"{output}/{LEASE_FILE}")["heartbeat"]
-    time.sleep(1.2)  # past a heartbeat (timeout / 4) and the 1 s read-back
-    assert read_lease(f"{output}/{LEASE_FILE}")["heartbeat"] > beat
+    assert eventually(lambda: read_lease(f"{output}/{LEASE_FILE}")["heartbeat"] > beat)  # renewed every 0.5 s
     first.release()
     assert read_lease(f"{output}/{LEASE_FILE}") is None
     acquire(output, "score", timeout_s=2).release()  # free again
@@ -124,7 +133,7 @@ def test_take_over_of_a_live_lease_stops_the_old_holder(output):
     old.confirm()
     new = acquire(output, "score", timeout_s=60, take_over=True)
     new.confirm()
-    time.sleep(1.0)  # one heartbeat of the old holder (every 0.5 s)
+    assert eventually(lambda: old.lost is not None)  # at its next heartbeat (every 0.5 s)
     with pytest.raises(LeaseLost, match=rf"another job \(id {new.record['job_id']}, host .*\) took over"):
         old.check()
     old.release()  # not its lease any more: left alone
@@ -176,3 +185,17 @@ def test_an_evaluation_is_refused_before_it_empties_the_scores_being_written(tin
     with pytest.raises(LeaseHeld, match=held_message(str(out), "elsewhere")):
         evaluate_driver_fn(cfg)
     assert part.exists()
+
+
+def test_score_and_evaluate_take_the_lease_flags_and_check_them(capsys):
+    from raysst.cli import parse_config
+    from raysst.config import EVAL, SCORE, TRAIN
+
+    for job in (SCORE, EVAL):
+        cfg = parse_config(job, ["--take-over", "--lease-timeout", "5"])
+        assert cfg.take_over and cfg.lease_timeout == 5.0
+    with pytest.raises(SystemExit):
+        parse_config(SCORE, ["--lease-timeout", "0"])
+    assert "lease_timeout must be a positive number of seconds, got 0.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(TRAIN, ["--take-over"])
