@@ -198,25 +198,29 @@ def evaluate_driver_fn(cfg: Config) -> dict:
     One model: reports in `<output>/`. Several: `<output>/<name>/` each, and `<output>/comparison.md`.
     Scores land in `<output>/scored/<name>/` (kept only for a local output). Returns {name: report}.
     """
-    from raysst.runtime import init_ray
-
     if not cfg.input or not cfg.output:
         raise ValueError("evaluate needs --data (labeled file, directory or glob) and --output (directory)")
     require_label_column(cfg.input, cfg.label_column)
     # One job per output: a second one would empty the scored parts this one is writing.
     with holding(expand_path(cfg.output).rstrip("/"), "evaluate", cfg.lease_timeout, cfg.take_over) as lease:
         lease.confirm()
-        init_ray()
-        lease.note_ray()
-        models = cfg.eval_models
-        names = model_names(models)
-        reports = {}
-        for model, name in zip(models, names):
-            out = cfg.output if len(models) == 1 else posixpath.join(cfg.output, name)
-            with scored_dir_for(cfg.output, name) as scored:
-                reports[name] = evaluate_model(cfg.replace(model=model), out, scored, lease)
-        if len(models) > 1:
-            write_comparison(reports, cfg.output)
+        return _evaluate_models(cfg, lease)
+
+
+def _evaluate_models(cfg: Config, lease: Lease) -> dict:
+    from raysst.runtime import init_ray
+
+    init_ray()
+    lease.note_ray()
+    models = cfg.eval_models
+    names = model_names(models)
+    reports = {}
+    for model, name in zip(models, names):
+        out = cfg.output if len(models) == 1 else posixpath.join(cfg.output, name)
+        with scored_dir_for(cfg.output, name) as scored:
+            reports[name] = evaluate_model(cfg.replace(model=model), out, scored, lease)
+    if len(models) > 1:
+        write_comparison(reports, cfg.output)
     return reports
 
 
