@@ -3,9 +3,10 @@
 Checkpoints live in `--storage-path`, often a shared bucket: whatever a resume reads there must not be able to
 run code. The state is written as `train_state.safetensors` (every tensor) plus `train_state.json` (everything
 else, with a tensor's key where it stood); neither format can hold code. A checkpoint from before this format
-has `train_state.pt`: it is read with `torch.load(weights_only=True)`, whose unpickler admits only tensors and
-plain containers and numbers (torch's allow-list; raysst adds nothing to it), which is all such a file holds.
-Anything else in it is refused, naming the file, before any of it is built.
+has `train_state.pt`: it is read with `torch.load(weights_only=True)`, whose unpickler builds only tensors,
+plain containers, numbers and a few torch types (torch's allow-list; raysst adds nothing to it), and what it
+built must then be tensors and plain values alone, as in the new files (all raysst ever wrote there).
+Anything else is refused, naming the file; a global outside torch's list is refused before it is built.
 """
 
 from __future__ import annotations
@@ -48,15 +49,17 @@ def load_state(directory: Path) -> dict:
         return _decode(json.loads((directory / STRUCTURE_FILE).read_text()), load_file(str(directory / TENSORS_FILE)))
     legacy = directory / LEGACY_FILE
     try:
-        return torch.load(legacy, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as e:
+        state = torch.load(legacy, weights_only=True, map_location="cpu")
+        _encode(state, {}, "state")  # raysst's own allow-list over torch's: what the new files can hold
+        return state
+    except (pickle.UnpicklingError, TypeError) as e:
         # torch's message opens with advice to load with weights_only=False; what matters is the global it met.
-        reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "an unsupported object")
+        reason = next((f"torch.load(weights_only=True): {line.strip()}" for line in str(e).splitlines()
+                       if "GLOBAL" in line), str(e))
         raise UnsafeCheckpoint(
             f"{legacy}: refused: this checkpoint state holds objects other than tensors and plain values, which "
-            f"raysst never writes (torch.load(weights_only=True): {reason}). Its storage may have been tampered "
-            f"with; nothing in it was run. Restore the checkpoint from a copy you trust, or start the run afresh "
-            f"under another --name") from None
+            f"raysst never writes ({reason}). Its storage may have been tampered with; nothing in it was run. "
+            f"Restore the checkpoint from a copy you trust, or start the run afresh under another --name") from None
 
 
 def _encode(value: Any, tensors: dict, key: str) -> Any:

@@ -87,6 +87,10 @@ def test_legacy_state_loads_through_the_weights_only_allow_list(tiny_model, tmp_
     _, _, state, _ = trained_state(tiny_model)
     torch.save(state, tmp_path / LEGACY_FILE)  # what raysst wrote before the new files
     assert same(load_state(tmp_path), state)
+    # torch's list admits a dtype, which raysst never wrote: its own list (tensors and plain values) does not.
+    torch.save({**state, "epoch": torch.float16}, tmp_path / LEGACY_FILE)
+    with pytest.raises(UnsafeCheckpoint, match=rf"{tmp_path / LEGACY_FILE}: refused: .*state.epoch: dtype"):
+        load_state(tmp_path)
 
 
 def test_state_that_runs_code_when_unpickled_is_refused_unrun(tiny_model, tmp_path):
