@@ -13,10 +13,11 @@ from raysst.capacity import CapacityError  # noqa: E402
 from raysst.formats import DataError  # noqa: E402
 from raysst.config import EVAL  # noqa: E402
 from raysst.cli import parse_config  # noqa: E402
+from raysst.lease import LeaseError  # noqa: E402
 from raysst.evaluate import evaluate_driver_fn  # noqa: E402
 
 if __name__ == "__main__":
     try:
         evaluate_driver_fn(parse_config(EVAL, description=__doc__))
-    except (CapacityError, DataError) as e:  # said in the user's words, without a traceback
+    except (CapacityError, DataError, LeaseError) as e:  # said in the user's words, without a traceback
         sys.exit(f"evaluate: {e}")

@@ -23,7 +23,7 @@ from raysst.evaluate import compute_report, evaluate_model, scored_dir_for, writ
 from raysst.models import precision_name
 from raysst.task import TITLES, Task, best_row, describe, metric_mode
 from raysst.report import CURVES, card_section, with_card_section
-from raysst.storage import (HISTORY_FILE, PREDICTIONS_FILE, STATE_FILE, copy_to, filesystem, local_dir, read_text,
+from raysst.storage import (HISTORY_FILE, PREDICTIONS_FILE, STATE_FILES, copy_to, filesystem, local_dir, read_text,
                             write_text)
 
 
@@ -50,7 +50,7 @@ def export_checkpoint(checkpoint, history: list, cfg: Config, dest: str) -> str:
     """Write the checkpoint's weights and tokenizer, `metrics.json` and `README.md` to `dest`."""
     with tempfile.TemporaryDirectory() as tmp, checkpoint.as_directory() as src:
         out = Path(tmp) / "model"
-        shutil.copytree(src, out, ignore=shutil.ignore_patterns(STATE_FILE, HISTORY_FILE, PREDICTIONS_FILE))
+        shutil.copytree(src, out, ignore=shutil.ignore_patterns(*STATE_FILES, HISTORY_FILE, PREDICTIONS_FILE))
         if (Path(src) / PREDICTIONS_FILE).exists():  # the evaluation report is made of them (training_report)
             (out / "eval").mkdir()
             shutil.copy(Path(src) / PREDICTIONS_FILE, out / "eval" / PREDICTIONS_FILE)
