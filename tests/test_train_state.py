@@ -116,18 +116,18 @@ def test_restarted_run_resumes_from_new_and_legacy_state_and_refuses_a_planted_o
     checkpoint rewritten as today's torch.save file and rerun to 3 (resuming from it), then that file
     replaced by one that runs code when unpickled: the rerun to 4 fails naming the file, and the code never ran."""
     from raysst.config import Config
-    from raysst.data import load_sst2, to_ray_datasets
+    from raysst.data import load_data, to_ray_datasets
     from raysst.train import build_trainer
 
     cfg = Config(model=tiny_model, data=str(sst2_small), storage_path=str(tmp_path / "runs"), name="run", num_workers=1,
                  epochs=1, lr=1e-3, batch_size=16, eval_batch_size=64, max_failures=0)
-    train, validation = load_sst2(cfg.data, cfg.max_train_samples, cfg.seed)
+    train, validation, task = load_data(cfg)
     datasets = to_ray_datasets(train, validation, cfg.model, cfg.max_seq_length)
     run_dir = tmp_path / "runs" / "run"
 
     def run_to(epochs: int) -> list:
         """(epoch, the epoch its run started at) for every epoch of the run's history, after training to `epochs`."""
-        result = build_trainer(cfg.replace(epochs=epochs), datasets, len(train)).fit()
+        result = build_trainer(cfg.replace(epochs=epochs), datasets, len(train), task).fit()
         with result.checkpoint.as_directory() as latest:
             return [(r["epoch"], r["start_epoch"]) for r in json.loads((Path(latest) / "history.json").read_text())]
 
