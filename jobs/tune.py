@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir of `ray job submit`
 
 from raysst.capacity import CapacityError  # noqa: E402
+from raysst.formats import DataError  # noqa: E402
 from raysst.config import TUNE  # noqa: E402
 from raysst.cli import parse_config  # noqa: E402
 from raysst.tune import tune_driver_fn  # noqa: E402
@@ -19,5 +20,5 @@ from raysst.tune import tune_driver_fn  # noqa: E402
 if __name__ == "__main__":
     try:
         tune_driver_fn(parse_config(TUNE, description=__doc__))
-    except CapacityError as e:
+    except (CapacityError, DataError) as e:  # said in the user's words, without a traceback
         sys.exit(f"tune: {e}")

@@ -99,6 +99,10 @@ class Config:
     max_failures: int = _f(3, "worker-group restarts from the latest checkpoint before giving up")
     wait_for_nodes: int = _f(1800, "seconds to wait for the workers' resources (the autoscaler adding nodes) before "
                              "failing", ALL)
+    take_over: bool = _f(False, "take the output's lease (_lease.json) from the job it names, which must be dead; "
+                         "this job goes on from the committed parts", (SCORE, EVAL))
+    lease_timeout: float = _f(60.0, "seconds without a heartbeat after which this job's lease on its output is dead "
+                              "(it renews the lease every quarter of that)", (SCORE, EVAL))
     log_every: int = _f(50, "log one line every N optimizer steps")
     mlflow_uri: Optional[str] = _f(None, "also log to this MLflow tracking URI")
     # Tune.
@@ -158,6 +162,7 @@ class Config:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "at least 1")
         _check(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")
         _check(self.wait_for_nodes >= 1, "wait_for_nodes", self.wait_for_nodes, "at least 1 (seconds)")
+        _check(self.lease_timeout > 0, "lease_timeout", self.lease_timeout, "a positive number of seconds")
         _check(self.log_every >= 1, "log_every", self.log_every, "at least 1")
         _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
         _check(self.num_samples >= 1, "num_samples", self.num_samples, "at least 1")

@@ -8,9 +8,10 @@ reported with the file, the column and what was found.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ import pandas as pd
 from raysst.batching import PAIR, TEXT, tokenize_rows
 from raysst.corpus import FORMATS as READERS, read_file
 from raysst.formats import TEXT_COLUMNS, DataError, InputFile, find_text_column
-from raysst.task import REGRESSION, LabelError, Task, infer_task
+from raysst.task import MULTI, REGRESSION, SINGLE, VALUE, LabelError, Task, is_list, no_nulls
 
 if TYPE_CHECKING:
     from raysst.config import Config
@@ -193,3 +194,53 @@ def to_ray_datasets(train: pd.DataFrame, validation: pd.DataFrame, model: str, m
         tokenize_rows, fn_kwargs={**tokenize, "mark_truncated": True}, **stage)  # the report counts them
     return {"train": train_ds.map_batches(tokenize_rows, fn_kwargs=tokenize, **stage).materialize(),
             "validation": validation_ds.materialize()}
+
+
+def infer_task(values: pd.Series, source: str, column: str, kind: Optional[str] = None,
+               labels: Optional[Sequence[str]] = None, threshold: float = 0.5) -> Task:
+    """The task that training labels define: list labels are multi-label, float labels regression, int or
+    string labels single-label, unless `kind` says otherwise. Label names are `labels` if given, else the
+    sorted unique values. LabelError for nulls, mixed types, or fewer than two classes."""
+    no_nulls(values, source, column)
+    types = values.map(_label_type)
+    found = types.value_counts()
+    if len(found) > 1 and set(found.index) != {"int", "float"}:
+        raise LabelError(f"{source}: column {column!r} mixes label types ({', '.join(f'{n} {t}' for t, n in found.items())}"
+                         f"); use one type (names, ids, lists of names, or numbers)")
+    if kind is None:
+        kind = {"list": MULTI, "float": REGRESSION}.get(found.index[0], SINGLE)
+        if set(found.index) == {"int", "float"}:
+            kind = REGRESSION
+    if kind == REGRESSION:
+        return Task(REGRESSION, (VALUE,), threshold)
+    if labels is None:
+        flat = [x for v in values for x in v] if kind == MULTI else list(values)
+        if kind == SINGLE and found.index[0] in ("int", "float"):
+            labels = [str(int(v)) for v in sorted(set(float(x) for x in flat))]
+        else:
+            labels = sorted({str(x).strip() for x in flat})
+    task = Task(kind, tuple(str(n) for n in labels), threshold)
+    if kind == SINGLE:
+        present = np.unique(task.encode(values, source, column))
+        if len(present) < 2:
+            raise LabelError(f"{source}: column {column!r} holds only one class ({task.labels[present[0]]!r} in "
+                             f"{len(values)} rows); a classifier needs at least two (or pass --task regression)")
+    elif kind == MULTI:
+        task.encode(values, source, column)
+    return task
+
+
+def _label_type(v) -> str:
+    """list, str, int, float or bool; a file that mixes numbers and names reaches us as text, so text that
+    reads as a number counts as one."""
+    if isinstance(v, str):
+        v = v.strip()
+        if re.fullmatch(r"[-+]?\d+", v):
+            return "int"
+        return "float" if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?", v) else "str"
+    if is_list(v):
+        return "list"
+    if isinstance(v, (bool, np.bool_)):
+        return "bool"
+    return "int" if isinstance(v, (int, np.integer)) else "float" if isinstance(v, (float, np.floating)) else \
+        type(v).__name__

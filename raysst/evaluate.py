@@ -17,8 +17,9 @@ from typing import Iterator, Optional, Sequence
 
 import pandas as pd
 
-from raysst.config import Config
+from raysst.config import Config, expand_path
 from raysst.formats import DataError, find_text_column
+from raysst.lease import Lease, holding
 from raysst.metrics import compute_report, wilson_interval  # noqa: F401  (the report's API, re-exported)
 from raysst.report import figures_for, report_markdown, write_comparison
 from raysst.storage import local_dir
@@ -83,16 +84,17 @@ def model_names(models: Sequence[str]) -> list:
     return [f"{i}_{n}" for i, n in enumerate(names)]
 
 
-def evaluate_model(cfg: Config, out_dir: str, scored_dir: str) -> dict:
+def evaluate_model(cfg: Config, out_dir: str, scored_dir: str, lease: Optional[Lease] = None) -> dict:
     """Score cfg.input with cfg.model (the batch scorer) into `scored_dir`, then write the report to `out_dir`.
 
     The scorer resumes from the parts it finds, so `scored_dir` is emptied first: a retrained model
-    at the same path must not be judged on its predecessor's scores.
+    at the same path must not be judged on its predecessor's scores. `lease`: the caller's on the output that
+    holds `scored_dir` (else the scorer takes one on `scored_dir`).
     """
     from raysst.score import read_scored, score_driver_fn
 
     shutil.rmtree(scored_dir, ignore_errors=True)
-    summary = score_driver_fn(cfg.replace(output=scored_dir, models=[]))
+    summary = score_driver_fn(cfg.replace(output=scored_dir, models=[]), lease)
     task = Task.from_dict(summary["task"])  # the model's, as the scorer's actors read it
     # The precision belongs next to the scores: int8 probabilities differ a little from fp32 ones.
     report = {"model": cfg.model, "data": cfg.input, "label_column": cfg.label_column,
@@ -122,19 +124,27 @@ def evaluate_driver_fn(cfg: Config) -> dict:
     One model: reports in `<output>/`. Several: `<output>/<name>/` each, and `<output>/comparison.md`.
     Scores land in `<output>/scored/<name>/` (kept only for a local output). Returns {name: report}.
     """
-    from raysst.runtime import init_ray
-
     if not cfg.input or not cfg.output:
         raise ValueError("evaluate needs --data (labeled file, directory or glob) and --output (directory)")
     require_label_column(cfg.input, cfg.label_column)
+    # One job per output: a second one would empty the scored parts this one is writing.
+    with holding(expand_path(cfg.output).rstrip("/"), "evaluate", cfg.lease_timeout, cfg.take_over) as lease:
+        lease.confirm()
+        return _evaluate_models(cfg, lease)
+
+
+def _evaluate_models(cfg: Config, lease: Lease) -> dict:
+    from raysst.runtime import init_ray
+
     init_ray()
+    lease.note_ray()
     models = cfg.eval_models
     names = model_names(models)
     reports = {}
     for model, name in zip(models, names):
         out = cfg.output if len(models) == 1 else posixpath.join(cfg.output, name)
         with scored_dir_for(cfg.output, name) as scored:
-            reports[name] = evaluate_model(cfg.replace(model=model), out, scored)
+            reports[name] = evaluate_model(cfg.replace(model=model), out, scored, lease)
     if len(models) > 1:
         write_comparison(reports, cfg.output)
     return reports

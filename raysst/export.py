@@ -23,7 +23,7 @@ from raysst.evaluate import compute_report, evaluate_model, scored_dir_for, writ
 from raysst.models import precision_name
 from raysst.task import TITLES, Task, best_row, describe, metric_mode
 from raysst.report import CURVES, card_section, with_card_section
-from raysst.storage import (HISTORY_FILE, PREDICTIONS_FILE, STATE_FILE, copy_to, filesystem, local_dir, read_text,
+from raysst.storage import (HISTORY_FILE, PREDICTIONS_FILE, STATE_FILES, copy_to, filesystem, local_dir, read_text,
                             write_text)
 
 
@@ -50,7 +50,7 @@ def export_checkpoint(checkpoint, history: list, cfg: Config, dest: str) -> str:
     """Write the checkpoint's weights and tokenizer, `metrics.json` and `README.md` to `dest`."""
     with tempfile.TemporaryDirectory() as tmp, checkpoint.as_directory() as src:
         out = Path(tmp) / "model"
-        shutil.copytree(src, out, ignore=shutil.ignore_patterns(STATE_FILE, HISTORY_FILE, PREDICTIONS_FILE))
+        shutil.copytree(src, out, ignore=shutil.ignore_patterns(*STATE_FILES, HISTORY_FILE, PREDICTIONS_FILE))
         if (Path(src) / PREDICTIONS_FILE).exists():  # the evaluation report is made of them (training_report)
             (out / "eval").mkdir()
             shutil.copy(Path(src) / PREDICTIONS_FILE, out / "eval" / PREDICTIONS_FILE)
@@ -85,11 +85,13 @@ def checkpoint_task(directory: str) -> Task:
 
 def model_card(metrics: dict, cfg: Config, task: Task) -> str:
     """A model card in the form of the well-known bert-base-uncased SST-2 card, for any task."""
-    names = task.metrics
+    metric = cfg.metric or metrics.get("metric") or task.metrics[0]
+    # The table shows the metric that picked the checkpoint (the public card's one column for SST-2);
+    # metrics.json and the evaluation report hold the others.
+    names = (metric,) if metric != "eval_loss" else task.metrics[:1]
     rows = "\n".join(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['eval_loss']:.4f} | "
                      + " | ".join(f"{r[m]:.4f}" if m in r else "n/a" for m in names) + f" | {r.get('workers', '?')} |"
                      for r in metrics["epochs"])
-    metric = cfg.metric or metrics.get("metric") or task.metrics[0]
     value = metrics.get(metric, best_row(metrics["epochs"], metric)[metric])
     headline = f"{value:.2%}" if metric in ("accuracy", "micro_f1", "macro_f1") else f"{value:.4f}"
     usage = ('classifier = pipeline("text-classification", model="PATH/TO/THIS/DIRECTORY"' +
@@ -102,7 +104,7 @@ language: en
 license: apache-2.0
 tags: [text-classification, raysst]
 datasets: [{c.data}]
-metrics: [{", ".join(names)}]
+metrics: [{", ".join(task.metrics)}]
 pipeline_tag: text-classification
 ---
 

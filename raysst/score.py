@@ -17,15 +17,17 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from typing import Optional
 
 from raysst.capacity import CapacityError, wait_for_capacity
 from raysst.chunks import Chunk
 from raysst.config import Config, expand_path
 from raysst.formats import DataError, UnreadableFile
+from raysst.lease import Lease, holding
 from raysst.score_plan import (calibration_texts, check_plan_file, committed_parts, count_parts, plan,
                                remove_temporaries)
 from raysst.score_workers import CHUNKS_IN_ACTOR, STAGES, STATUSES, TMP_PREFIX, ChunkScorer, add_counts
-from raysst.storage import filesystem, write_text
+from raysst.storage import commit_text, filesystem
 from raysst.task import Task
 
 SUMMARY_FILE = "_summary.json"
@@ -67,8 +69,20 @@ def build_pipeline(todo: list[Chunk], cfg: Config, model: str, output: str, cali
         num_cpus=1 if cfg.use_gpu else cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)
 
 
-def score_driver_fn(cfg: Config) -> dict:
-    """Score `cfg.input` into parquet parts under `cfg.output`, resuming committed chunks; returns the summary."""
+def score_driver_fn(cfg: Config, lease: Optional[Lease] = None) -> dict:
+    """Score `cfg.input` into parquet parts under `cfg.output`, resuming committed chunks; returns the summary.
+    The job holds the output's lease (raysst.lease) throughout, or runs under the `lease` its caller holds."""
+    t0 = time.perf_counter()
+    if not cfg.input or not cfg.output:
+        raise ValueError("score needs an input (--input FILE|DIR|GLOB|URI) and an output (--output DIR|URI)")
+    output = expand_path(cfg.output).rstrip("/")
+    if lease:
+        return _score(cfg, output, lease, t0)
+    with holding(output, "score", cfg.lease_timeout, cfg.take_over) as held:  # a live holder: refused at once
+        return _score(cfg, output, held, t0)
+
+
+def _score(cfg: Config, output: str, lease: Lease, t0: float) -> dict:
     import ray
 
     from transformers import AutoConfig
@@ -76,10 +90,6 @@ def score_driver_fn(cfg: Config) -> dict:
     from raysst.models import model_task, precision_name, resolve_model
     from raysst.runtime import init_ray
 
-    t0 = time.perf_counter()
-    if not cfg.input or not cfg.output:
-        raise ValueError("score needs an input (--input FILE|DIR|GLOB|URI) and an output (--output DIR|URI)")
-    output = expand_path(cfg.output).rstrip("/")
     todo, done, skipped, ignored, decoded, chunk_rows = plan(cfg, output)
     cfg = cfg.replace(chunk_rows=chunk_rows)
     model = resolve_model(cfg.model)
@@ -91,20 +101,23 @@ def score_driver_fn(cfg: Config) -> dict:
         print(f"[raysst] score: resuming; {n_resumed} chunks of {len(done)} files are already scored, "
               f"{len(todo)} to go", flush=True)
     plan_s = time.perf_counter() - t0
+    lease.take()  # after the plan: a job that cannot run leaves nothing behind; read back while Ray starts
     init_ray()
+    lease.note_ray()
     # An actor without a chunk would only load the model: a small input (an evaluation set) starts fewer.
     cfg = cfg.replace(num_actors=min(model_actors(cfg), max(1, len(todo))))
     # Ray Data would wait without end for actors that find no room: fail now, or wait for the autoscaler.
     wait_for_capacity({"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}, cfg.num_actors,
                       "scoring", "Lower --num-workers or --cpus-per-worker" + (", or drop --use-gpu" * cfg.use_gpu),
                       cfg.wait_for_nodes)
+    lease.confirm()  # of two jobs started together, one goes on
     check_plan_file(output, cfg.chunk_rows)  # the first write: a job that cannot run leaves nothing behind
     remove_temporaries(output)
     scored = Counter()
     if todo:
         calibration = calibration_texts(output, todo) if cfg.precision == "int8" else []
         scored = _run(build_pipeline(todo, cfg, model, output, calibration, task), todo, per_file, skipped,
-                      cfg.on_bad_file == "fail", t0)
+                      cfg.on_bad_file == "fail", t0, lease)
     remove_temporaries(output)  # an actor lost mid-write (its node gone) leaves one; its chunk was redone
     failed = {s.pop("rel") for s in skipped if "rel" in s}
     if failed:  # a file found unreadable part-way keeps no parts: its rows are all or nothing
@@ -139,6 +152,7 @@ def score_driver_fn(cfg: Config) -> dict:
                      "cpus_per_actor": cfg.cpus_per_worker, "gpus_per_actor": int(cfg.use_gpu),
                      "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}},
     }
+    lease.check()
     _write_summary(output, summary)
     print(f"[raysst] score: {summary['rows_out']:,} rows in {output} ({scored['rows']:,} scored now, "
           f"{summary['rows_per_second']:,} rows/s, {len(skipped)} files skipped); "
@@ -159,12 +173,14 @@ def long_text_summary(cfg: Config, scored: Counter, wall: float) -> dict:
             "model_tokens_per_second": round(scored["tokens"] / model_s, 1) if model_s else 0.0}
 
 
-def _run(ds, todo: list[Chunk], per_file: dict, skipped: list, fail: bool, t0: float) -> Counter:
-    """Drive the pipeline; the driver sees one row of counts per chunk. Returns this run's counts."""
+def _run(ds, todo: list[Chunk], per_file: dict, skipped: list, fail: bool, t0: float, lease: Lease) -> Counter:
+    """Drive the pipeline; the driver sees one row of counts per chunk. Returns this run's counts; stops
+    (LeaseLost) once another job has taken the output's lease."""
     known = sum(c.stop - c.start for c in todo if c.file.fmt == "parquet")
     scored: Counter = Counter()
     last = time.perf_counter()
     for row in ds.iter_rows():
+        lease.check()
         rel = str(row["rel"])
         if row["error"]:
             if fail:  # raised here, not in the actor: a Ray task error would hide the UnreadableFile
@@ -186,16 +202,7 @@ def _run(ds, todo: list[Chunk], per_file: dict, skipped: list, fail: bool, t0: f
 
 
 def _write_summary(output: str, summary: dict) -> None:
-    import os
-    import uuid
-
-    text = json.dumps(summary, indent=2)
-    if "://" in output:
-        write_text(f"{output}/{SUMMARY_FILE}", text)  # one PUT: atomic
-        return
-    tmp = f"{output}/{TMP_PREFIX}{uuid.uuid4().hex}{SUMMARY_FILE}"
-    write_text(tmp, text)
-    os.replace(tmp, f"{output}/{SUMMARY_FILE}")
+    commit_text(f"{output}/{SUMMARY_FILE}", json.dumps(summary, indent=2), TMP_PREFIX)
 
 
 def _keyed(counts: Counter, kind: str) -> dict:

@@ -10,7 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-STATE_FILE = "train_state.pt"  # optimizer, schedule and scaler state, the epoch and the history
+# Optimizer, schedule and scaler state, the epoch and the history, without pickle (raysst.train_state): the
+# tensors, the rest as JSON, and the torch.save file that checkpoints held before them.
+STATE_FILES = ("train_state.safetensors", "train_state.json", "train_state.pt")
 HISTORY_FILE = "history.json"  # one row of metrics per epoch, readable without torch
 # The epoch's own validation pass: each validation row's outputs (rows, num_labels; raysst.task), file order.
 PREDICTIONS_FILE = "validation_outputs.npy"
@@ -62,6 +64,21 @@ def write_text(path: str, text: str) -> None:
     fs.create_dir(posixpath.dirname(p), recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(text.encode())
+
+
+def commit_text(path: str, text: str, tmp_prefix: str = "_tmp-") -> None:
+    """Write `path` whole or not at all, replacing what is there: locally a temporary name beside it, then
+    os.replace; in an object store one PUT (an object appears only complete)."""
+    import os
+    import uuid
+
+    if "://" in path:
+        write_text(path, text)
+        return
+    directory, name = posixpath.split(str(Path(path).expanduser().absolute()))
+    tmp = f"{directory}/{tmp_prefix}{uuid.uuid4().hex}-{name}"
+    write_text(tmp, text)
+    os.replace(tmp, path)
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -104,7 +104,7 @@ class Task:
     def encode(self, values: pd.Series, source: str, column: str) -> np.ndarray:
         """Gold labels as targets: class ids, multi-hot rows (rows, N), or floats; LabelError names what does
         not fit (a null, a name outside `labels`, an id out of range, a list where one label belongs)."""
-        _no_nulls(values, source, column)
+        no_nulls(values, source, column)
         where = f"{source}: column {column!r}"
         if self.kind == REGRESSION:
             floats = pd.to_numeric(values, errors="coerce")
@@ -132,7 +132,7 @@ class Task:
         hot = np.zeros((len(values), len(self.labels)), np.float32)
         bad = np.zeros(len(values), bool)
         for r, v in enumerate(values):
-            ids = [one(x) for x in v] if _is_list(v) else [None]
+            ids = [one(x) for x in v] if is_list(v) else [None]
             bad[r] = None in ids
             hot[r, [i for i in ids if i is not None]] = 1
         _reject(values, pd.Series(bad, index=values.index), where,
@@ -203,40 +203,6 @@ class Task:
         return scored[columns].to_numpy(np.float64) if columns else np.stack(scored["probs"].to_numpy())
 
 
-def infer_task(values: pd.Series, source: str, column: str, kind: Optional[str] = None,
-               labels: Optional[Sequence[str]] = None, threshold: float = 0.5) -> Task:
-    """The task that training labels define: list labels are multi-label, float labels regression, int or
-    string labels single-label, unless `kind` says otherwise. Label names are `labels` if given, else the
-    sorted unique values. LabelError for nulls, mixed types, or fewer than two classes."""
-    _no_nulls(values, source, column)
-    types = values.map(_label_type)
-    found = types.value_counts()
-    if len(found) > 1 and set(found.index) != {"int", "float"}:
-        raise LabelError(f"{source}: column {column!r} mixes label types ({', '.join(f'{n} {t}' for t, n in found.items())}"
-                         f"); use one type (names, ids, lists of names, or numbers)")
-    if kind is None:
-        kind = {"list": MULTI, "float": REGRESSION}.get(found.index[0], SINGLE)
-        if set(found.index) == {"int", "float"}:
-            kind = REGRESSION
-    if kind == REGRESSION:
-        return Task(REGRESSION, (VALUE,), threshold)
-    if labels is None:
-        flat = [x for v in values for x in v] if kind == MULTI else list(values)
-        if kind == SINGLE and found.index[0] in ("int", "float"):
-            labels = [str(int(v)) for v in sorted(set(float(x) for x in flat))]
-        else:
-            labels = sorted({str(x).strip() for x in flat})
-    task = Task(kind, tuple(str(n) for n in labels), threshold)
-    if kind == SINGLE:
-        present = np.unique(task.encode(values, source, column))
-        if len(present) < 2:
-            raise LabelError(f"{source}: column {column!r} holds only one class ({task.labels[present[0]]!r} in "
-                             f"{len(values)} rows); a classifier needs at least two (or pass --task regression)")
-    elif kind == MULTI:
-        task.encode(values, source, column)
-    return task
-
-
 def describe(task: Task) -> str:
     """One line for logs and cards: `single-label, 3 classes (anger, fear, joy)`."""
     if task.kind == REGRESSION:
@@ -266,28 +232,12 @@ def check_metric(task: Task, metric: Optional[str]) -> str:
     return metric
 
 
-def _label_type(v) -> str:
-    """list, str, int, float or bool; a file that mixes numbers and names reaches us as text, so text that
-    reads as a number counts as one."""
-    if isinstance(v, str):
-        v = v.strip()
-        if re.fullmatch(r"[-+]?\d+", v):
-            return "int"
-        return "float" if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?", v) else "str"
-    if _is_list(v):
-        return "list"
-    if isinstance(v, (bool, np.bool_)):
-        return "bool"
-    return "int" if isinstance(v, (int, np.integer)) else "float" if isinstance(v, (float, np.floating)) else \
-        type(v).__name__
-
-
-def _is_list(v) -> bool:
+def is_list(v) -> bool:
     return isinstance(v, (list, tuple, np.ndarray))
 
 
-def _no_nulls(values: pd.Series, source: str, column: str) -> None:
-    missing = values.map(lambda v: not _is_list(v) and pd.isna(v))
+def no_nulls(values: pd.Series, source: str, column: str) -> None:
+    missing = values.map(lambda v: not is_list(v) and pd.isna(v))
     if missing.any():
         raise LabelError(f"{source}: column {column!r} has {int(missing.sum())} null labels "
                          f"(rows {values.index[missing].tolist()[:5]})")

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from raysst.config import Config
+from raysst.storage import HISTORY_FILE, PREDICTIONS_FILE
 from raysst.task import Task
-from raysst.storage import HISTORY_FILE, PREDICTIONS_FILE, STATE_FILE
+from raysst.train_state import load_state, save_state
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -37,13 +38,13 @@ def train_fn_per_worker(config: dict) -> None:
         torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed + rank)
 
-    # Resume: the checkpoint holds the weights in Hugging Face form plus optimizer state.
+    # Resume: the checkpoint holds the weights in Hugging Face form plus optimizer state, both read without pickle.
     model_path = fetch_once_per_node(cfg.model, ctx.get_local_rank())
     checkpoint, state = ray.train.get_checkpoint(), None
     with (checkpoint.as_directory() if checkpoint else nullcontext()) as ckpt_dir:
         model = load_classifier(ckpt_dir or model_path, task=task)
         if ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=False)
+            state = load_state(Path(ckpt_dir))
     set_dropout(model, cfg.dropout)
     # Fused SDPA attention is transformers' default for BERT; a model type without it falls back to eager,
     # which is slower: recorded in every epoch's metrics, and said once.
@@ -233,9 +234,9 @@ def _report(history, outputs, epoch, steps_per_epoch, model, tokenizer, optimize
         unwrapped = getattr(model, "module", model)
         unwrapped.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "epoch": epoch, "steps_per_epoch": steps_per_epoch,
-                    "history": history}, Path(tmp) / STATE_FILE)
+        save_state(Path(tmp), {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "scaler": scaler.state_dict(), "epoch": epoch, "steps_per_epoch": steps_per_epoch,
+                               "history": history})
         (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history, indent=2))
         np.save(Path(tmp) / PREDICTIONS_FILE, outputs)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),

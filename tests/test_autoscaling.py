@@ -106,17 +106,18 @@ def test_num_workers_takes_a_count_or_a_range_that_every_size_of_splits_the_batc
 def test_elastic_and_fake_gpu_reach_ray_train(tiny_model):
     import pandas as pd
 
+    from raysst.task import Task
     from raysst.train import build_trainer, even_rows
 
     cfg = Config(model=tiny_model, num_workers="2-4", batch_size=48, use_gpu=True, fake_gpu=True,
                  elastic_resize_interval=7)
     assert len(even_rows(pd.DataFrame({"x": range(100)}), cfg)) == 96  # a multiple of 2, 3 and 4
-    trainer = build_trainer(cfg, {}, 96)
+    trainer = build_trainer(cfg, {}, 96, Task())
     scaling = trainer.scaling_config
     assert (scaling.num_workers, scaling.use_gpu, scaling.elastic_resize_monitor_interval_s) == ((2, 4), True, 7)
     assert scaling.resources_per_worker == {"CPU": 1, "GPU": 1}  # the fake GPU is still reserved
     assert trainer.backend_config.backend == "gloo" and cfg.compute_on_gpu is False
-    assert build_trainer(cfg.replace(fake_gpu=False), {}, 96).backend_config.backend == "nccl"  # Train's choice
+    assert build_trainer(cfg.replace(fake_gpu=False), {}, 96, Task()).backend_config.backend == "nccl"  # Train's
 
 
 @pytest.mark.timeout(600)

@@ -66,7 +66,7 @@ def test_three_string_labels_train_export_score_evaluate(three_class_run):
     config = json.loads((model_dir / "config.json").read_text())
     assert config["id2label"] == {"0": "anger", "1": "fear", "2": "joy"}
     assert config["problem_type"] == "single_label_classification"
-    assert "| Epoch | Training Loss | Validation Loss | Accuracy | Macro F1 | Workers |" in (
+    assert "| Epoch | Training Loss | Validation Loss | Accuracy | Workers |" in (
         model_dir / "README.md").read_text()
 
     scored_dir = tmp / "scored"
