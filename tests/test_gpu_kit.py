@@ -132,7 +132,7 @@ def test_ray_imports_from_the_installed_kit_in_the_image_python(kits, image_pyth
                    env=image_env(image_python), check=True, timeout=120)  # and has what the image has
     install = f"{gpu_plan.PIP_INSTALL} --target {site} {kits[LOCAL]}/wheels/*.whl"
     subprocess.run(["bash", "-c", install], env=image_env(image_python), check=True, timeout=300)
-    probe = ("import os, sys, ray; ray.init(include_dashboard=False, num_cpus=1);"
+    probe = ("import os, sys, ray; ray.init(address=\"local\", include_dashboard=False, num_cpus=1);"
              "import ray.data, ray.train.torch, ray.tune;"
              "assert ray.data.range(8).map_batches(lambda b: {'id': b['id'] * 2}).sum('id') == 56;"
              "ray.shutdown();"

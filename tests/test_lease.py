@@ -76,7 +76,10 @@ def test_of_jobs_that_start_together_exactly_one_holds(output):
         out = f"{output}/{round_}"
         if dead:
             forge(out, **dead)
-        start, outcomes = threading.Barrier(8), []
+        # Racers are threads of this process, and so is the moto server: under load they share one GIL, and
+        # eight HTTP clients with the server can stall a write past the 1 s read-back. Jobs are processes.
+        racers = 8 if "://" not in output else 4
+        start, outcomes = threading.Barrier(racers), []
 
         def job():
             start.wait()
@@ -87,13 +90,13 @@ def test_of_jobs_that_start_together_exactly_one_holds(output):
             except LeaseHeld as e:
                 outcomes.append(e)
 
-        threads = [threading.Thread(target=job) for _ in range(8)]
+        threads = [threading.Thread(target=job) for _ in range(racers)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         holders = [o for o in outcomes if not isinstance(o, LeaseHeld)]
-        assert len(outcomes) == 8 and len(holders) == 1, outcomes
+        assert len(outcomes) == racers and len(holders) == 1, outcomes
         assert read_lease(f"{out}/{LEASE_FILE}")["token"] == holders[0].record["token"]
         holders[0].release()
 
