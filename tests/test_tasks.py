@@ -75,7 +75,8 @@ def test_three_string_labels_train_export_score_evaluate(three_class_run):
     summary = score_driver_fn(Config(model=str(model_dir), input=str(corpus), output=str(scored_dir),
                                      text_column="review", num_actors=1))
     out = read_scored(str(scored_dir))
-    assert list(out.columns) == ["review", "label", "score", "prob_anger", "prob_fear", "prob_joy", "status"]
+    assert list(out.columns) == ["review", "label", "score", "prob_anger", "prob_fear", "prob_joy", "windows",
+                                 "status"]
     assert out.status.tolist() == ["ok", "ok", "null_input"]
     # pipeline names the same labels, with the scorer's probabilities
     classify = pipeline("text-classification", model=str(model_dir))
