@@ -65,7 +65,7 @@ def write_report(report: dict, out_dir: str) -> list:
             "length": lambda p: plots.plot_accuracy_by_length(report["accuracy_by_length"], report["accuracy"], p,
                                                               title),
             "per_label": lambda p: plots.plot_per_label(report["per_label"], p, title),
-            "scatter": lambda p: plots.plot_scatter(report["points"], report, p, title)}
+            "scatter": lambda p: plots.plot_scatter(report, p, title)}
     with local_dir(out_dir) as out:
         for kind, name in figures.items():
             draw[kind](out / name)

@@ -106,8 +106,9 @@ def plot_per_label(per_label: dict, path: Path, title: str = "") -> Path:
     return Path(path)
 
 
-def plot_scatter(points: dict, report: dict, path: Path, title: str = "") -> Path:
-    """Regression: predicted against gold values, with the diagonal and the correlations."""
+def plot_scatter(report: dict, path: Path, title: str = "") -> Path:
+    """Regression: a regression report's predicted against gold values, with the diagonal and the correlations."""
+    points = report["points"]
     fig, ax = _figure(4.8, 4.4)
     ax.scatter(points["gold"], points["predicted"], s=8, alpha=0.5)
     lo, hi = report["gold_range"]

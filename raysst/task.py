@@ -98,9 +98,6 @@ class Task:
         logits = logits.float()
         return {SINGLE: logits.softmax(-1), MULTI: logits.sigmoid()}.get(self.kind, logits)
 
-    def target_dtype(self) -> str:
-        return "int64" if self.kind == SINGLE else "float32"
-
     def encode(self, values: pd.Series, source: str, column: str) -> np.ndarray:
         """Gold labels as targets: class ids, multi-hot rows (rows, N), or floats; LabelError names what does
         not fit (a null, a name outside `labels`, an id out of range, a list where one label belongs)."""
